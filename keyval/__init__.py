@@ -1,0 +1,1 @@
+"""keyval: a hash-slot sharded, in-memory, transactional key-value cluster."""

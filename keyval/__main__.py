@@ -1,0 +1,5 @@
+import sys
+
+from keyval.cli import main
+
+sys.exit(main())
