@@ -1,0 +1,257 @@
+"""Messages of the data path: client <-> drone, drone <-> db, commander <-> drone/db/client.
+
+Conventions: a version is a positive int, 0 means "absent"; keys travel as the user gave them
+(str, bytes or int) between client and drone, and as canonical bytes (keyval.keys) between
+drone and db; `op_id` is a client-chosen 16-byte id that makes a retried mutation apply once;
+`ack` is "durable" (acknowledged once in the db, the default) or "memory" (acknowledged after
+the in-memory apply, flushed behind).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keyval.grants import Grant
+from wire.messages import Key, Message, message
+
+ACK_DURABLE = "durable"
+ACK_MEMORY = "memory"
+ACK_MODES = (ACK_DURABLE, ACK_MEMORY)
+
+# ---------------------------------------------------------------- client -> drone
+
+
+@message("kv.get")
+class Get(Message):
+    key: Key
+
+
+@message("kv.get_many")
+class GetMany(Message):
+    keys: list[Key]
+
+
+@message("kv.put")
+class Put(Message):
+    key: Key
+    value: Any
+    op_id: bytes
+    ack: str = ACK_DURABLE
+
+
+@message("kv.delete")
+class Delete(Message):
+    key: Key
+    op_id: bytes
+    ack: str = ACK_DURABLE
+
+
+@message("kv.cas")
+class CompareAndSet(Message):
+    """Write (or delete) `key` only if its version is `expected_version` (0: must be absent)."""
+
+    key: Key
+    expected_version: int
+    value: Any
+    op_id: bytes
+    delete: bool = False
+    ack: str = ACK_DURABLE
+
+
+@message("kv.scan")
+class Scan(Message):
+    """Keys of one slot (or of every slot this drone holds, when `slot` is None) in key order.
+
+    `prefix` selects keys that start with it (same type as the key); `start`/`end` bound a
+    range (start inclusive, end exclusive); `after` resumes after a canonical key (paging)."""
+
+    slot: int | None = None
+    prefix: Key | None = None
+    start: Key | None = None
+    end: Key | None = None
+    after: bytes | None = None
+    limit: int = 1000
+
+
+@message("kv.txn_commit")
+class TxnCommit(Message):
+    """Commit an optimistic transaction whose keys all live on this drone.
+
+    `reads`: (key, version seen; 0 = absent); `writes`: (key, "put"|"del", value)."""
+
+    reads: list[tuple[Key, int]]
+    writes: list[tuple[Key, str, Any]]
+    op_id: bytes
+    ack: str = ACK_DURABLE
+
+
+# ---------------------------------------------------------------- drone -> client
+
+
+@message("kv.value")
+class ValueReply(Message):
+    found: bool
+    value: Any = None
+    version: int = 0
+
+
+@message("kv.values")
+class ValuesReply(Message):
+    items: list[tuple[bool, Any, int]]  # (found, value, version) per requested key
+
+
+@message("kv.written")
+class Written(Message):
+    version: int  # the new version; for a delete of an absent key, 0
+    existed: bool = True
+
+
+@message("kv.scan_page")
+class ScanPage(Message):
+    items: list[tuple[Key, Any, int]]  # (key, value, version)
+    after: bytes | None = None  # pass back to continue; None when the scan is complete
+
+
+@message("kv.committed")
+class Committed(Message):
+    versions: list[int]  # per write, in order
+
+
+# ---------------------------------------------------------------- drone -> db
+
+
+@message("db.write")
+class DbWrite(Message):
+    slot: int
+    key: bytes  # canonical key bytes
+    value: Any
+    deleted: bool
+    version: int
+
+
+@message("db.op")
+class DbOp(Message):
+    """One client operation's writes: applied all together or not at all."""
+
+    op_id: bytes
+    writes: list[DbWrite]
+
+
+@message("db.write_batch")
+class DbWriteBatch(Message):
+    grants: list[Grant]  # the grants that cover every slot written below
+    ops: list[DbOp]
+
+
+@message("db.batch_result")
+class DbBatchResult(Message):
+    # Per op: ("ok", [versions]) or (error_code, message); a retried op_id answers its first result.
+    results: list[tuple[str, Any]]
+
+
+@message("db.read_slot")
+class DbReadSlot(Message):
+    grant: Grant
+    slot: int
+    after: bytes | None = None
+    limit: int = 2000
+
+
+@message("db.slot_page")
+class DbSlotPage(Message):
+    items: list[tuple[bytes, Any, int]]  # (canonical key, value, version) in key order
+    done: bool
+
+
+# ---------------------------------------------------------------- commander -> db
+
+
+@message("db.register_term")
+class DbRegisterTerm(Message):
+    """Compare-and-set the commander term forward. Equal term by the same commander is a retry."""
+
+    commander: str
+    term: int
+
+
+@message("db.term")
+class DbTerm(Message):
+    term: int
+    commander: str
+
+
+@message("db.save_map")
+class DbSaveMap(Message):
+    term: int
+    version: int
+    ranges: list[tuple[int, int, str, int]]  # (first_slot, last_slot, drone, epoch)
+
+
+@message("db.load_map")
+class DbLoadMap(Message):
+    pass
+
+
+@message("db.map")
+class DbMap(Message):
+    term: int
+    version: int
+    ranges: list[tuple[int, int, str, int]]
+
+
+@message("db.grant_key")
+class DbGrantKey(Message):
+    pass
+
+
+@message("db.grant_key_reply")
+class DbGrantKeyReply(Message):
+    key: bytes
+
+
+# ---------------------------------------------------------------- drone <-> commander
+
+
+@message("cmd.register")
+class Register(Message):
+    drone: str
+    address: str  # host:port clients use to reach it
+    capacity_keys: int = 0  # 0: unknown / unlimited
+
+
+@message("cmd.registered")
+class Registered(Message):
+    incarnation: int
+    heartbeat_ms: int
+    lease_ms: int
+
+
+@message("cmd.heartbeat")
+class Heartbeat(Message):
+    drone: str
+    incarnation: int
+    load: dict[str, Any]  # keys, bytes, ops_per_s, ...
+    ready: list[tuple[int, int, int]]  # ranges (first, last, epoch) loaded and serving
+
+
+@message("cmd.heartbeat_reply")
+class HeartbeatReply(Message):
+    grant: Grant  # everything this drone should hold now (may be empty)
+    map_version: int
+
+
+# ---------------------------------------------------------------- anyone -> commander
+
+
+@message("cmd.get_map")
+class GetMap(Message):
+    known_version: int = 0
+
+
+@message("cmd.map")
+class SlotMap(Message):
+    term: int
+    version: int
+    ranges: list[tuple[int, int, str, int]]  # (first, last, drone, epoch); gaps have no owner
+    drones: dict[str, str]  # drone name -> address
+    leader: str = ""

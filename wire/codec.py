@@ -1,0 +1,97 @@
+"""CBOR encoding and safe decoding.
+
+Only plain data is admitted: str, bytes, int, float, bool, None, lists and maps with str, bytes
+or int keys. No semantic tags (dates, decimals, sets, shared references, ...), no undefined or
+simple values, nesting at most `MAX_DEPTH`. cbor2 does the parsing in C; `check_value` then
+walks the result so anything cbor2 turned into another Python type is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import cbor2
+
+from wire.errors import DecodeError, LocalProtocolError
+from wire.limits import MAX_DEPTH
+
+_SCALARS = (str, bytes, int, float, bool, type(None))
+_KEY_TYPES = (str, bytes, int)
+
+
+def _refuse_tag(*args: object) -> NoReturn:
+    # cbor2 5.x calls hook(decoder, tag); 6.x calls hook(tag, immutable).
+    tag = next((a for a in args if isinstance(a, cbor2.CBORTag)), None)
+    number = tag.tag if tag is not None else "?"
+    raise DecodeError(f"CBOR tag {number} is not allowed")
+
+
+def encode(obj: Any) -> bytes:
+    """Encode a value the codec admits. The caller vouches for the value (see `check_value`)."""
+    try:
+        return cbor2.dumps(obj)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as error:
+        raise LocalProtocolError(f"cannot encode as CBOR: {error}") from None
+
+
+def encode_canonical(obj: Any) -> bytes:
+    """Deterministic encoding (RFC 8949 core deterministic rules) for bytes that are signed,
+    MACed or hashed: the same value always gives the same bytes."""
+    try:
+        return cbor2.dumps(obj, canonical=True)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as error:
+        raise LocalProtocolError(f"cannot encode as CBOR: {error}") from None
+
+
+def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode one CBOR item that must fill `data` exactly. Raises `DecodeError`."""
+    try:
+        obj = cbor2.loads(
+            data,
+            tag_hook=_refuse_tag,
+            max_depth=max_depth + 1,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        )
+    except DecodeError:
+        raise
+    except cbor2.CBORDecodeError as error:
+        cause: BaseException | None = error
+        while cause is not None:  # cbor2 wraps what our tag hook raised
+            if isinstance(cause, DecodeError):
+                raise DecodeError(cause.message) from None
+            cause = cause.__cause__ or cause.__context__
+        raise DecodeError(f"malformed CBOR: {error}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as error:
+        raise DecodeError(f"malformed CBOR: {error}") from None
+    if type(obj) in _SCALARS:  # the common fast path: nothing to walk
+        return obj
+    try:
+        check_value(obj, max_depth=max_depth)
+    except LocalProtocolError as error:
+        raise DecodeError(error.message) from None
+    return obj
+
+
+def check_value(obj: Any, *, max_depth: int = MAX_DEPTH) -> None:
+    """Raise `LocalProtocolError` unless `obj` is plain CBOR data within `max_depth`.
+
+    Iterative, so a hostile value cannot exhaust the Python stack.
+    """
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
+        if depth >= max_depth:
+            raise LocalProtocolError(f"value nested deeper than {max_depth} levels")
+        if kind is list or kind is tuple:
+            stack.extend((child, depth + 1) for child in item)
+        elif kind is dict:
+            for key, child in item.items():
+                if type(key) not in _KEY_TYPES:
+                    raise LocalProtocolError(f"map key of type {type(key).__name__} not allowed")
+                stack.append((child, depth + 1))
+        else:
+            raise LocalProtocolError(f"values of type {kind.__name__} are not allowed")
