@@ -1,0 +1,1 @@
+"""Tests of keyval.net, the trio transport."""
