@@ -1,0 +1,394 @@
+"""The commander's node logic as a sans-I/O state machine: events and `now` in, instructions out.
+
+Time is commander-monotonic seconds (float), passed in by the caller, never read here.
+
+Two slot tables are kept. `working` is the map the commander wants; `saved` is the last map the
+db has confirmed under this commander's term. Grants are computed from `saved` only, so no
+grant ever uses a map that is not durable. When `working` differs, `tick` returns a `SaveMap`
+(one in flight at a time); the daemon calls `map_saved` once the db confirms it.
+
+Lease safety: for every drone the commander remembers until when the last grant it handed that
+drone may still be honoured (`receive time + timing.commander_expiry_ms`). When a saved map
+moves a slot away from a drone, the slot is blocked until that moment: the new owner's grants
+leave it out until then. A failed drone is declared failed only once its lease is surely over,
+so its slots are free at once.
+
+Start-up, resume and returning drones (the choices, as the issue asks to document them):
+
+- Fresh cluster (empty persisted map): nothing is granted until `expect_drones` drones have
+  registered; then the 16384 slots are split evenly in contiguous ranges, epoch 1, saved, and
+  only then granted. Later drones get a fair share moved to them (`rebalance`).
+- Commander restart with a persisted map: the previous commander's grants may still be live,
+  so each persisted owner is treated as holding a lease until `start + expiry`. Drones that
+  re-register under a name that owns slots, within `RESUME_GRACE_MS` of the start, get their
+  persisted slots back with each slot's epoch bumped by one (so versions and fences move past
+  anything from the previous term, and a drone that restarted reseeds). This is what a user
+  restarting a whole cluster expects. Owners that do not come back within the grace are
+  treated as failed: their slots are spread over the drones that did.
+- While this commander runs, a drone that was declared failed and comes back is a new drone
+  (a new incarnation, no slots by surprise); it only gets the fair share that rebalancing
+  gives any newcomer, under new epochs.
+- A name that is live cannot register again: a second process claiming it is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from keyval.commander import placement
+from keyval.commander.slotmap import NO_OWNER, GrantRange, MapRange, SlotTable, without_slots
+from keyval.grants import NUM_SLOTS
+from keyval.nodeconfig import ConfigError, split_address
+from keyval.timing import HEARTBEAT_MS, LEASE_MS, RESUME_GRACE_MS, commander_expiry_ms
+from wire.errors import BadRequest, NotFound, Unavailable
+
+# Incarnations are term * INCARNATIONS_PER_TERM + a counter, so ids from a previous commander
+# never match one this commander handed out.
+INCARNATIONS_PER_TERM = 2**32
+
+# A drone name is a principal name; principal names are short identifiers.
+MAX_DRONE_NAME_CHARS = 128
+
+# Registered drones, live or draining. Each costs a heartbeat per period; a thousand is far
+# beyond a loopback or rack cluster and bounds the commander's memory against a flood.
+MAX_DRONES = 1000
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"  # empty map: waiting for expect_drones to register
+    RESUMING = "resuming"  # persisted map: waiting for its owners to come back
+    RUNNING = "running"
+
+
+@dataclass(frozen=True, slots=True)
+class SaveMap:
+    """Instruction: persist this map (DbSaveMap under the term), then call `map_saved`."""
+
+    version: int
+    ranges: list[MapRange]
+
+
+@dataclass(frozen=True, slots=True)
+class DroneFailed:
+    """Instruction (informative): this drone's lease expired; it has been removed."""
+
+    drone: str
+    incarnation: int
+
+
+Instruction = SaveMap | DroneFailed
+
+
+@dataclass(slots=True)
+class DroneRecord:
+    name: str
+    address: str
+    incarnation: int
+    capacity_keys: int  # 0: unknown
+    last_heartbeat_at: float
+    load: dict[str, Any] = field(default_factory=dict)
+    draining: bool = False
+
+    def free_capacity(self) -> float | None:
+        if self.capacity_keys <= 0:
+            return None
+        keys = self.load.get("keys", 0)
+        used = keys if type(keys) is int else 0
+        return float(max(self.capacity_keys - used, 0))
+
+
+class CommanderState:
+    """Slot map, membership, failure detection and grants of one commander term."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        term: int,
+        now: float,
+        persisted_version: int = 0,
+        persisted_ranges: list[MapRange] | None = None,
+        expect_drones: int = 1,
+        heartbeat_ms: int = HEARTBEAT_MS,
+        lease_ms: int = LEASE_MS,
+        resume_grace_ms: int = RESUME_GRACE_MS,
+    ) -> None:
+        if term <= 0 or expect_drones <= 0:
+            raise ValueError("term and expect_drones must be positive")
+        self.name = name
+        self.term = term
+        self.heartbeat_ms = heartbeat_ms
+        self.lease_ms = lease_ms
+        self.expect_drones = expect_drones
+        self.expiry_s = commander_expiry_ms(lease_ms) / 1000
+        self.drones: dict[str, DroneRecord] = {}
+        self.saved = SlotTable.from_ranges(persisted_ranges or [])
+        self.saved_version = persisted_version
+        self.working = self.saved.copy()
+        self._saved_by_us = False  # grants wait for the first map saved under our term
+        self._saving: tuple[int, SlotTable] | None = None
+        self._dirty = False  # working differs from saved (or must be re-saved under our term)
+        self._lease_end: dict[str, float] = {}  # drone -> until when its last grant may be used
+        self._blocked_until: dict[int, float] = {}  # slot -> no grant to its owner before this
+        self._grant_cache: dict[str, list[GrantRange]] | None = None
+        self._ranges_cache: list[MapRange] | None = None
+        self._incarnations = 0
+        self._rebalance_pending = False
+        self._persisted_owners = {owner for owner in self.saved.owners if owner != NO_OWNER}
+        if self._persisted_owners:
+            self.phase = Phase.RESUMING
+            self._resume_deadline = now + resume_grace_ms / 1000
+            for owner in self._persisted_owners:  # the previous commander's grants
+                self._lease_end[owner] = now + self.expiry_s
+        else:
+            self.phase = Phase.WAITING
+            self._resume_deadline = now
+
+    # ------------------------------------------------------------ membership events
+
+    def register(self, drone: str, address: str, capacity_keys: int, now: float) -> DroneRecord:
+        """A drone (already authenticated as `drone`) joins. Raises BadRequest if the name is
+        live or the fields are bad; nothing changes then."""
+        if not drone or len(drone) > MAX_DRONE_NAME_CHARS:
+            raise BadRequest(f"drone name must be 1..{MAX_DRONE_NAME_CHARS} characters")
+        try:
+            split_address(address)
+        except ConfigError as error:
+            raise BadRequest(f"drone {drone!r}: {error}") from None
+        if capacity_keys < 0:
+            raise BadRequest("capacity_keys must be >= 0 (0: unknown)")
+        if drone in self.drones:
+            raise BadRequest(
+                f"drone {drone!r} is already live (incarnation "
+                f"{self.drones[drone].incarnation}); a second process cannot take its name",
+                detail={"drone": drone},
+            )
+        if len(self.drones) >= MAX_DRONES:
+            raise Unavailable(f"the commander already tracks {MAX_DRONES} drones")
+        self._incarnations += 1
+        record = DroneRecord(
+            name=drone,
+            address=address,
+            incarnation=self.term * INCARNATIONS_PER_TERM + self._incarnations,
+            capacity_keys=capacity_keys,
+            last_heartbeat_at=now,
+        )
+        self.drones[drone] = record
+        self._rebalance_pending = True
+        return record
+
+    def heartbeat(
+        self, drone: str, incarnation: int, load: dict[str, Any], now: float
+    ) -> list[GrantRange]:
+        """Renew a drone's lease; return the ranges to grant it now (possibly empty).
+
+        Raises NotFound for a drone or incarnation this commander does not know live (the
+        drone must register again)."""
+        record = self.drones.get(drone)
+        if record is None or record.incarnation != incarnation:
+            raise NotFound(
+                f"drone {drone!r} incarnation {incarnation} is not registered here: register again",
+                detail={"drone": drone},
+            )
+        record.last_heartbeat_at = now
+        record.load = dict(load)
+        ranges = self.grant_for(drone, now)
+        if ranges:
+            self._lease_end[drone] = now + self.expiry_s
+        return ranges
+
+    def grant_for(self, drone: str, now: float) -> list[GrantRange]:
+        """What `drone` may hold now: its slots in the saved map, minus slots still blocked by
+        a previous owner's lease. Empty until a map was saved under this term."""
+        if not self._saved_by_us:
+            return []
+        if self._grant_cache is None:
+            self._grant_cache = self.saved.grant_ranges()
+        ranges = self._grant_cache.get(drone, [])
+        blocked = {slot for slot, until in self._blocked_until.items() if until > now}
+        granted = without_slots(ranges, blocked)
+        self._check_grant_safe(drone, granted, now)
+        return granted
+
+    def _check_grant_safe(self, drone: str, granted: list[GrantRange], now: float) -> None:
+        """Crash rather than hand out a grant that breaks the safety rules."""
+        if not self._saved_by_us:
+            raise RuntimeError("invariant: grant computed from a map not saved under our term")
+        for first, last, epoch in granted:
+            for slot in (first, last):
+                if self.saved.owners[slot] != drone or self.saved.epochs[slot] != epoch:
+                    raise RuntimeError(f"invariant: grant of slot {slot} disagrees with saved map")
+        for slot, until in self._blocked_until.items():
+            if until > now and any(first <= slot <= last for first, last, _ in granted):
+                raise RuntimeError(f"invariant: slot {slot} granted before the old lease ended")
+
+    # ------------------------------------------------------------ operator events
+
+    def drain(self, drone: str, now: float) -> int:
+        """Move every slot off `drone` (it stays registered, holding nothing). Returns the map
+        version that carries the change. Refuses an unknown drone or the last eligible one."""
+        record = self._live(drone)
+        others = [r for r in self.drones.values() if r.name != drone and not r.draining]
+        if not others:
+            raise BadRequest(f"cannot drain {drone!r}: no other drone could take its slots")
+        if self.phase is not Phase.RUNNING:
+            raise Unavailable("the slot map is not assigned yet", detail={"retry_after_ms": 100})
+        record.draining = True
+        self._plan(now)
+        return self.next_version()
+
+    def move(self, slot: int, drone: str, now: float) -> int:
+        """Give `slot` to `drone` (plain handover). Returns the map version of the change."""
+        if not 0 <= slot < NUM_SLOTS:
+            raise BadRequest(f"slot {slot} is outside 0..{NUM_SLOTS - 1}")
+        record = self._live(drone)
+        if record.draining:
+            raise BadRequest(f"drone {drone!r} is draining; it takes no slots")
+        if self.phase is not Phase.RUNNING:
+            raise Unavailable("the slot map is not assigned yet", detail={"retry_after_ms": 100})
+        self._assign(slot, drone)
+        return self.next_version()
+
+    def _live(self, drone: str) -> DroneRecord:
+        record = self.drones.get(drone)
+        if record is None:
+            raise NotFound(f"no live drone named {drone!r}", detail={"drone": drone})
+        return record
+
+    # ------------------------------------------------------------ time and the db
+
+    def tick(self, now: float) -> list[Instruction]:
+        """Detect failures, plan the map, and ask for a save when the map changed."""
+        instructions: list[Instruction] = []
+        for record in list(self.drones.values()):
+            if now >= record.last_heartbeat_at + self.expiry_s:
+                del self.drones[record.name]
+                instructions.append(DroneFailed(record.name, record.incarnation))
+        for slot in [s for s, until in self._blocked_until.items() if until <= now]:
+            del self._blocked_until[slot]
+        self._plan(now)
+        if self._dirty and self._saving is None:
+            version = self.saved_version + 1
+            snapshot = self.working.copy()
+            self._saving = (version, snapshot)
+            instructions.append(SaveMap(version, snapshot.ranges()))
+        return instructions
+
+    def map_saved(self, version: int, now: float) -> None:
+        """The db confirmed the SaveMap of `version`: it becomes the map grants come from."""
+        if self._saving is None or self._saving[0] != version:
+            raise RuntimeError(f"map_saved({version}) without that save in flight")
+        _, table = self._saving
+        self._saving = None
+        for slot in range(NUM_SLOTS):
+            old = self.saved.owners[slot]
+            if old != NO_OWNER and old != table.owners[slot]:
+                until = self._lease_end.get(old, -math.inf)
+                if until > now:
+                    self._blocked_until[slot] = max(self._blocked_until.get(slot, until), until)
+        self.saved = table
+        self.saved_version = version
+        self._saved_by_us = True
+        self._grant_cache = None
+        self._ranges_cache = None
+        self._dirty = self._differs(self.working, self.saved)
+
+    def save_failed(self, version: int) -> None:
+        """The SaveMap of `version` failed; the next tick asks again."""
+        if self._saving is not None and self._saving[0] == version:
+            self._saving = None
+
+    def next_version(self) -> int:
+        """The map version that will carry the working map's current changes."""
+        if not self._dirty:
+            return self.saved_version
+        if self._saving is not None and not self._differs(self.working, self._saving[1]):
+            return self._saving[0]
+        return self.saved_version + (2 if self._saving is not None else 1)
+
+    # ------------------------------------------------------------ planning
+
+    def _plan(self, now: float) -> None:
+        if self.phase is Phase.WAITING:
+            if len(self._eligible()) >= self.expect_drones:
+                self._initial_assignment()
+                self.phase = Phase.RUNNING
+                self._rebalance_pending = False
+            return
+        if self.phase is Phase.RESUMING:
+            if now < self._resume_deadline and not self._persisted_owners <= self.drones.keys():
+                return
+            self._resume()
+            self.phase = Phase.RUNNING
+        self._spread_orphans()
+        if self._rebalance_pending:
+            self._rebalance_pending = False
+            slots_by_drone: dict[str, list[int]] = {name: [] for name in self._eligible()}
+            for slot, owner in enumerate(self.working.owners):
+                if owner in slots_by_drone:
+                    slots_by_drone[owner].append(slot)
+            for slot, owner in placement.rebalance(slots_by_drone).items():
+                self._assign(slot, owner)
+
+    def _eligible(self) -> list[str]:
+        return sorted(name for name, record in self.drones.items() if not record.draining)
+
+    def _initial_assignment(self) -> None:
+        for name, (first, last) in placement.even_split(self._eligible()).items():
+            for slot in range(first, last + 1):
+                self._assign(slot, name)
+
+    def _resume(self) -> None:
+        """Keep the persisted owners that came back, under bumped epochs, and save under our
+        term even if nothing else changed (grants need a map saved by us)."""
+        for slot, owner in enumerate(self.working.owners):
+            if owner in self.drones:
+                self.working.epochs[slot] += 1
+        self._dirty = True
+
+    def _spread_orphans(self) -> None:
+        eligible = self._eligible()
+        if not eligible:
+            return
+        orphans = [
+            slot
+            for slot, owner in enumerate(self.working.owners)
+            if owner not in self.drones or self.drones[owner].draining
+        ]
+        if not orphans:
+            return
+        counts = dict.fromkeys(eligible, 0)
+        for owner in self.working.owners:
+            if owner in counts:
+                counts[owner] += 1
+        capacities = {name: self.drones[name].free_capacity() for name in eligible}
+        free: dict[str, float] | None = None
+        if all(value is not None for value in capacities.values()):
+            free = {name: value or 0.0 for name, value in capacities.items()}
+        quotas = placement.spread_quotas(len(orphans), counts, free)
+        for slot, owner in placement.spread(orphans, quotas).items():
+            self._assign(slot, owner)
+
+    def _assign(self, slot: int, drone: str) -> None:
+        if self.working.owners[slot] == drone:
+            return
+        self.working.assign(slot, drone)
+        self._dirty = True
+
+    @staticmethod
+    def _differs(left: SlotTable, right: SlotTable) -> bool:
+        return left.owners != right.owners or left.epochs != right.epochs
+
+    # ------------------------------------------------------------ queries
+
+    def map_ranges(self) -> list[MapRange]:
+        """The saved map as ranges (what clients may rely on)."""
+        if self._ranges_cache is None:
+            self._ranges_cache = self.saved.ranges()
+        return self._ranges_cache
+
+    def addresses(self) -> dict[str, str]:
+        return {name: record.address for name, record in sorted(self.drones.items())}
