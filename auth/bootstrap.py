@@ -59,3 +59,23 @@ def add_principal(
         )
         keys.save_private_key(key_out_path, private_key)
         registry.add(principal)
+
+
+def list_principals(data_dir: Path) -> list[Principal]:
+    with locked(Path(data_dir), purpose="list principals offline"):
+        return Registry(Path(data_dir)).all()
+
+
+def set_enabled(data_dir: Path, name: str, enabled: bool) -> None:
+    with locked(Path(data_dir), purpose=f"change principal {name!r} offline"):
+        Registry(Path(data_dir)).set_enabled(name, enabled)
+
+
+def rotate_principal(data_dir: Path, name: str, key_out_path: Path) -> None:
+    """Give `name` a new key pair: the private key replaces `key_out_path` (0600)."""
+    with locked(Path(data_dir), purpose=f"rotate principal {name!r} offline"):
+        registry = Registry(Path(data_dir))
+        registry.require(name)
+        private_key = keys.generate_private_key()
+        registry.set_public_key(name, keys.public_key_bytes(private_key))
+        keys.save_private_key(Path(key_out_path), private_key)
