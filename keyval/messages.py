@@ -255,3 +255,28 @@ class SlotMap(Message):
     ranges: list[tuple[int, int, str, int]]  # (first, last, drone, epoch); gaps have no owner
     drones: dict[str, str]  # drone name -> address
     leader: str = ""
+
+
+# ---------------------------------------------------------------- admin -> commander
+
+
+@message("cmd.drain")
+class Drain(Message):
+    """Move every slot off `drone` (maintenance). Admin role only."""
+
+    drone: str
+
+
+@message("cmd.move")
+class MoveSlot(Message):
+    """Give `slot` to `drone` (a handover: the old owner's lease ends first). Admin role only."""
+
+    slot: int
+    drone: str
+
+
+@message("cmd.map_change")
+class MapChange(Message):
+    """The map version that carries the requested change (saved, or about to be)."""
+
+    version: int
