@@ -302,7 +302,7 @@ class _Channel:
 
     # -- input --
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if self._error is not None:
             raise self._error
         self._decoder.receive_data(data)

@@ -69,7 +69,7 @@ class FrameDecoder:
         """Bytes received and not yet handed out as frames."""
         return len(self._buffer) - self._start
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if self._error is not None:
             raise self._error
         if self._eof:

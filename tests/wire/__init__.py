@@ -1,0 +1,1 @@
+"""Tests of the wire package: framing, codec, messages, secure channel."""
