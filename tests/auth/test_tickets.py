@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from auth import keys
 from auth.authority import AuthorityConfig
 from auth.handshake import ServiceKeyring, TicketClientAuth, TicketServerAuth
 from auth.messages import PrincipalList, ServiceState, ServiceStateRequest, TicketRequest
@@ -184,5 +185,7 @@ def test_authority_dir_holds_no_principal_private_key(setup: Setup) -> None:
             continue
         assert b"PRIVATE KEY" not in text, path
         for key_file in setup.key_dir.iterdir():
+            seed = keys.load_private_key(key_file).private_bytes_raw()
             assert key_file.read_bytes() not in text
+            assert seed not in text and seed.hex().encode() not in text, (path, key_file)
     assert stat.S_IMODE(setup.key_path("alice").stat().st_mode) == 0o600
