@@ -1,0 +1,76 @@
+"""Plain records the db layers hand each other. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Result of one op as DbBatchResult carries it: ("ok", [versions]) or (error code, message).
+OpResult = tuple[str, Any]
+RESULT_OK = "ok"
+
+# 2PC decisions (the first one recorded wins).
+DECISION_COMMIT = "commit"
+DECISION_ABORT = "abort"
+DECISIONS = (DECISION_COMMIT, DECISION_ABORT)
+
+# A slot map as stored: (first_slot, last_slot, drone, epoch) ranges.
+MapRange = tuple[int, int, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredWrite:
+    """One key's new state. `value` is CBOR bytes, empty for a delete."""
+
+    slot: int
+    key: bytes
+    value: bytes
+    deleted: bool
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedOp:
+    """One client operation that passed validation and fencing: written all together."""
+
+    op_id: bytes
+    writes: tuple[StoredWrite, ...]
+    versions: tuple[int, ...]  # the result the op answers with
+
+
+@dataclass(frozen=True, slots=True)
+class SlotFence:
+    """The newest commander term and slot epoch the db has seen for `slot`."""
+
+    slot: int
+    term: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class TermRecord:
+    """The registered commander term; term 0 and commander "" before any registration."""
+
+    term: int
+    commander: str
+
+
+@dataclass(frozen=True, slots=True)
+class MapRecord:
+    term: int
+    version: int
+    ranges: tuple[MapRange, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveMapOutcome:
+    saved: bool
+    current_term: TermRecord
+    stored_version: int  # the map version in the store after the call
+
+
+@dataclass(frozen=True, slots=True)
+class SlotItem:
+    key: bytes
+    value: bytes  # CBOR
+    version: int
