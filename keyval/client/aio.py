@@ -1,0 +1,285 @@
+"""The trio client: `async with keyval.aconnect(config) as kv:`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from keyval.client.checks import admit_ack, admit_key, admit_value, admit_version
+from keyval.client.config import ClientSettings, load_settings
+from keyval.client.errors import ClientClosed, TooManyConflicts
+from keyval.client.links import Dialer, LinkPool, TicketDialer
+from keyval.client.policy import Attempts, RetryPolicy
+from keyval.client.router import Router
+from keyval.client.routing import Route
+from keyval.client.scanning import Item, ScanCursor
+from keyval.client.txn import ABSENT, OP_ID_BYTES, AsyncTransaction, Entry
+from keyval.keys import key_slot
+from keyval.messages import (
+    CompareAndSet,
+    Delete,
+    Get,
+    GetMany,
+    Put,
+    ValueReply,
+    ValuesReply,
+    Written,
+)
+from wire.errors import Ask, Conflict, Internal, Moved
+from wire.messages import Key, Message
+
+T = TypeVar("T")
+
+# Re-runs of a transaction function that keeps losing to conflicts before `transact` gives up
+# (FoundationDB retries until its 5 s transaction timeout; a count is easier to reason about).
+MAX_TRANSACTION_ATTEMPTS = 10
+
+
+class AsyncClient:
+    """A connection to a keyval cluster for one trio task tree. See the package docstring."""
+
+    def __init__(self, router: Router, *, ack: str) -> None:
+        self._router = router
+        self.ack = admit_ack(ack)
+        self._closed = False
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed("this client is closed")
+
+    def _ack(self, ack: str | None) -> str:
+        return self.ack if ack is None else admit_ack(ack)
+
+    async def _call(self, key: Key, msg: Message) -> Message:
+        self._check_open()
+        return await self._router.call(key_slot(key), msg)
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, key: Key, default: Any = None) -> Any:
+        entry = await self.get_entry(key)
+        return default if entry.version == 0 else entry.value
+
+    async def get_entry(self, key: Key) -> Entry:
+        """(value, version) of `key`; (None, 0) when it is absent."""
+        admit_key(key)
+        reply = _expect(await self._call(key, Get(key=key)), ValueReply)
+        return Entry(reply.value, reply.version) if reply.found else ABSENT
+
+    async def get_many(self, keys: Iterable[Key]) -> dict[Key, Any]:
+        """The keys that exist, mapped to their values (absent keys are left out)."""
+        entries = await self.get_many_entries(keys)
+        return {key: entry.value for key, entry in entries.items() if entry.version != 0}
+
+    async def get_many_entries(self, keys: Iterable[Key]) -> dict[Key, Entry]:
+        """Every key mapped to its Entry; one request per owning drone, sent concurrently."""
+        self._check_open()
+        unique = {admit_key(key): key for key in keys}
+        found: dict[Key, Entry] = {}
+        pending = list(unique.values())
+        attempts = self._router.start()
+        while pending:
+            groups = await self._group_by_drone(pending, attempts)
+            redirected: list[Key] = []
+            async with trio.open_nursery() as nursery:
+                for route, group in groups:
+                    nursery.start_soon(self._get_group, route, group, attempts, found, redirected)
+            pending = redirected
+        return {key: found[key] for key in unique.values()}
+
+    async def _group_by_drone(
+        self, keys: list[Key], attempts: Attempts
+    ) -> list[tuple[Route, list[Key]]]:
+        groups: dict[str, tuple[Route, list[Key]]] = {}
+        for key in keys:
+            route = await self._router.route(key_slot(key), attempts)
+            groups.setdefault(route.drone, (route, []))[1].append(key)
+        return list(groups.values())
+
+    async def _get_group(
+        self,
+        route: Route,
+        keys: list[Key],
+        attempts: Attempts,
+        found: dict[Key, Entry],
+        redirected: list[Key],
+    ) -> None:
+        try:
+            reply = await self._router.call_at(route, GetMany(keys=keys), attempts)
+        except Moved as error:
+            await self._router.classify(error, attempts, allow_ask=False)
+            redirected.extend(keys)  # regrouped with the new map on the next round
+            return
+        except Ask:
+            for key in keys:  # a slot is moving: ASK applies per key, so ask per key
+                found[key] = await self.get_entry(key)
+            return
+        values = _expect(reply, ValuesReply)
+        if len(values.items) != len(keys):
+            raise Internal(f"asked {len(keys)} keys, the drone answered {len(values.items)}")
+        for key, (exists, value, version) in zip(keys, values.items, strict=True):
+            found[key] = Entry(value, version) if exists else ABSENT
+
+    async def scan(
+        self,
+        prefix: Key | None = None,
+        *,
+        start: Key | None = None,
+        end: Key | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[Item]:
+        """(key, value, version) in key order; see keyval.client.scanning for what it promises."""
+        self._check_open()
+        cursor = ScanCursor(self._router, prefix=prefix, start=start, end=end, limit=limit)
+        while (page := await cursor.next_page()) is not None:
+            for item in page:
+                yield item
+
+    def scan_cursor(
+        self,
+        prefix: Key | None = None,
+        *,
+        start: Key | None = None,
+        end: Key | None = None,
+        limit: int | None = None,
+    ) -> ScanCursor:
+        """Page by page: `await cursor.next_page()` until it returns None."""
+        self._check_open()
+        return ScanCursor(self._router, prefix=prefix, start=start, end=end, limit=limit)
+
+    # ------------------------------------------------------------------ writes
+
+    async def put(self, key: Key, value: Any, *, ack: str | None = None) -> int:
+        """Store `value`; returns the new version."""
+        admit_key(key)
+        admit_value(value)
+        msg = Put(key=key, value=value, op_id=os.urandom(OP_ID_BYTES), ack=self._ack(ack))
+        return _expect(await self._call(key, msg), Written).version
+
+    async def delete(self, key: Key, *, ack: str | None = None) -> bool:
+        """Remove `key`; True if it existed."""
+        admit_key(key)
+        msg = Delete(key=key, op_id=os.urandom(OP_ID_BYTES), ack=self._ack(ack))
+        return _expect(await self._call(key, msg), Written).existed
+
+    async def cas(
+        self,
+        key: Key,
+        expected_version: int,
+        value: Any,
+        *,
+        delete: bool = False,
+        ack: str | None = None,
+    ) -> int:
+        """Write `value` (or delete, with delete=True) only if the key's version is
+        `expected_version` (0: the key must be absent). Returns the new version; raises
+        Conflict if the version differs."""
+        admit_key(key)
+        admit_version(expected_version)
+        if not delete:
+            admit_value(value)
+        msg = CompareAndSet(
+            key=key,
+            expected_version=expected_version,
+            value=None if delete else value,
+            op_id=os.urandom(OP_ID_BYTES),
+            delete=delete,
+            ack=self._ack(ack),
+        )
+        return _expect(await self._call(key, msg), Written).version
+
+    # ------------------------------------------------------------------ transactions
+
+    def transaction(self, *, ack: str | None = None) -> AsyncTransaction:
+        self._check_open()
+        return AsyncTransaction(self._router, self._ack(ack))
+
+    async def transact(
+        self,
+        fn: Callable[[AsyncTransaction], Awaitable[T]],
+        *,
+        max_attempts: int = MAX_TRANSACTION_ATTEMPTS,
+        ack: str | None = None,
+    ) -> T:
+        """Run `await fn(tx)` in a transaction and commit; on Conflict run it again, with
+        backoff, up to `max_attempts` times, then raise TooManyConflicts."""
+        last: Conflict | None = None
+        for attempt in range(1, max_attempts + 1):
+            try:
+                async with self.transaction(ack=ack) as tx:
+                    result = await fn(tx)
+                return result
+            except Conflict as error:
+                last = error
+                if attempt < max_attempts:
+                    rng = self._router.rng
+                    await trio.sleep(self._router.policy.backoff_s(attempt, rng))
+        raise TooManyConflicts(
+            f"transaction lost {max_attempts} times to conflicts", detail={"attempts": max_attempts}
+        ) from last
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._router.pool.aclose()
+
+
+def _expect(reply: Message, kind: type[T]) -> T:
+    if not isinstance(reply, kind):
+        raise Internal(f"unexpected reply {reply.TYPE}")
+    return reply
+
+
+def client_from_settings(
+    settings: ClientSettings,
+    dialer: Dialer,
+    *,
+    policy: RetryPolicy | None = None,
+    rng: random.Random | None = None,
+) -> AsyncClient:
+    policy = policy or RetryPolicy(deadline_s=settings.deadline_s)
+    router = Router(
+        commanders=settings.commanders,
+        pool=LinkPool(dialer),
+        policy=policy,
+        rng=rng or random.Random(),
+    )
+    return AsyncClient(router, ack=settings.ack)
+
+
+def ticket_dialer(settings: ClientSettings) -> Dialer:
+    """Log in as the config's principal (auth.client.Credentials)."""
+    if settings.identity is None:
+        raise ValueError("settings without an identity need an explicit dialer")
+    return TicketDialer.from_identity(settings.identity)
+
+
+@contextlib.asynccontextmanager
+async def aconnect(
+    config: str | Path | ClientSettings | None = None,
+    *,
+    dialer: Dialer | None = None,
+    policy: RetryPolicy | None = None,
+) -> AsyncIterator[AsyncClient]:
+    """`async with aconnect(path) as kv:` — path of a client config, else $KEYVAL_CONFIG.
+
+    `dialer` replaces ticket login (tests use a pre-shared key)."""
+    settings = config if isinstance(config, ClientSettings) else load_settings(config)
+    client = client_from_settings(settings, dialer or ticket_dialer(settings), policy=policy)
+    try:
+        await client.router.refresh(client.router.start(), seen=0)  # fail early if unreachable
+        yield client
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()

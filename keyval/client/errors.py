@@ -1,0 +1,36 @@
+"""Errors the client library raises beyond the server's typed errors (wire.errors).
+
+Every error is a `wire.errors.WireError`, so a caller can catch that one base. Server answers
+arrive as the `ServiceError` subclass of their code (`Conflict`, `Moved`, `Unavailable`, ...).
+"""
+
+from __future__ import annotations
+
+from wire.errors import BadRequest, Conflict, LocalProtocolError, Timeout, Unavailable
+
+
+class CrossDroneTransaction(BadRequest):
+    """A transaction touched keys owned by more than one drone.
+
+    Cross-drone commit (two-phase commit) is not built yet. Read-only transactions across
+    drones are refused too: re-reading versions on each drone in turn is not serializable."""
+
+
+class TransactionFinished(LocalProtocolError):
+    """A transaction was used after it committed, failed or was abandoned."""
+
+
+class TooManyConflicts(Conflict):
+    """`transact` re-ran the function `detail["attempts"]` times and lost every commit."""
+
+
+class DeadlineExceeded(Timeout):
+    """A call's overall deadline passed while retrying; the outcome of a write may be unknown."""
+
+
+class NoOwner(Unavailable):
+    """The slot map names no drone for the slot (the cluster is still assigning it)."""
+
+
+class ClientClosed(LocalProtocolError):
+    """The client was used after `close()` / leaving its `with` block."""

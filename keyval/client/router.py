@@ -1,0 +1,253 @@
+"""Sending one request to the right place: slot map, redirects, retries, deadline.
+
+`Router` owns the cached slot map (fetched from the commanders, following NOT_LEADER), the
+link pool, and the retry loop every call goes through:
+
+- MOVED: take the redirect's owner for that slot (or refresh the whole map) and retry.
+- ASK: retry this one request at detail["address"], without changing the map.
+- UNAVAILABLE, TIMEOUT, a lost connection: pause (exponential backoff with jitter, at least
+  the server's retry_after_ms) and retry, until the call's deadline or attempt limit.
+- anything else (CONFLICT, BAD_REQUEST, FORBIDDEN, ...): raised to the caller at once.
+
+Mutations carry a client-chosen op_id that every retry reuses, so a retry applies once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+from keyval.client.config import Endpoint
+from keyval.client.errors import DeadlineExceeded, NoOwner
+from keyval.client.links import CONNECTION_ERRORS, LinkPool
+from keyval.client.policy import Attempts, RetryPolicy
+from keyval.client.routing import Route, SlotTable
+from keyval.messages import GetMap, SlotMap
+from wire.errors import Ask, Moved, NotLeader, ServiceError, Timeout, Unavailable
+from wire.messages import Message
+
+logger = logging.getLogger("keyval.client")
+
+T = TypeVar("T")
+
+# Commanders asked in one map refresh before pausing: NOT_LEADER hops included. A leader hint
+# can at worst send us round the configured list once more.
+MAX_COMMANDER_HOPS_PER_ROUND = 8
+
+
+@dataclasses.dataclass(slots=True)
+class _Retry:
+    """What to do after a failed try."""
+
+    pause_floor_s: float = 0.0
+    ask: Route | None = None  # ASK: the next try goes here
+    immediate: bool = False  # the map changed: retry at once (still counted)
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        commanders: tuple[Endpoint, ...],
+        pool: LinkPool,
+        policy: RetryPolicy,
+        rng: random.Random,
+    ) -> None:
+        if not commanders:
+            raise ValueError("at least one commander is needed")
+        self.policy = policy
+        self.pool = pool
+        self._commanders = commanders
+        self._rng = rng
+        self._leader: Endpoint | None = None
+        self._table: SlotTable | None = None
+        self._refresh_lock = trio.Lock()
+        self._refreshes = 0
+
+    # ------------------------------------------------------------------ the slot map
+
+    @property
+    def table(self) -> SlotTable | None:
+        return self._table
+
+    async def current_table(self, attempts: Attempts) -> SlotTable:
+        if self._table is None:
+            await self.refresh(attempts, seen=0)
+        assert self._table is not None  # refresh sets it or raises
+        return self._table
+
+    async def refresh(self, attempts: Attempts, *, seen: int) -> None:
+        """Fetch the map unless a refresh finished since the caller saw refresh number `seen`."""
+        async with self._refresh_lock:
+            if self._refreshes != seen and self._table is not None:
+                return  # another task refreshed while we waited; use its map
+            reply = await self.retrying(attempts, self._fetch_map_once)
+            self._table = SlotTable.from_map(reply)
+            self._refreshes += 1
+            logger.debug("slot map version %d term %d", reply.version, reply.term)
+
+    @property
+    def refreshes(self) -> int:
+        return self._refreshes
+
+    async def _fetch_map_once(self, attempts: Attempts) -> SlotMap:
+        order = ([self._leader] if self._leader else []) + list(self._commanders)
+        last_error: ServiceError = Unavailable("no commander answered")
+        hops = 0
+        while order and hops < MAX_COMMANDER_HOPS_PER_ROUND:
+            endpoint = order.pop(0)
+            hops += 1
+            try:
+                reply = await self.send(
+                    Route(endpoint.name, endpoint.address, 0), GetMap(), attempts
+                )
+            except NotLeader as error:
+                last_error = Unavailable(f"commander {endpoint.name} does not lead: {error}")
+                hint = self._leader_from(error.detail)
+                if hint is not None and hint != endpoint:
+                    order.insert(0, hint)
+                continue
+            except (Unavailable, Timeout) as error:
+                last_error = error
+                continue
+            if not isinstance(reply, SlotMap):
+                raise Unavailable(f"commander answered get_map with {reply.TYPE}")
+            self._leader = endpoint
+            return reply
+        self._leader = None
+        raise last_error
+
+    def _leader_from(self, detail: dict[str, Any]) -> Endpoint | None:
+        """The commander a NOT_LEADER names: by principal name or by address."""
+        leader, address = detail.get("leader"), detail.get("address")
+        for endpoint in self._commanders:
+            if leader in (endpoint.name, endpoint.address) or address == endpoint.address:
+                return endpoint
+        if isinstance(leader, str) and leader and isinstance(address, str) and address:
+            return Endpoint(name=leader, address=address)
+        return None
+
+    # ------------------------------------------------------------------ one request
+
+    async def send(self, route: Route, msg: Message, attempts: Attempts) -> Message:
+        timeout = attempts.request_timeout_s(trio.current_time())
+        if timeout <= 0:
+            raise DeadlineExceeded("the call's deadline passed")
+        link = await self.pool.get(route.address, route.drone, timeout=timeout)
+        try:
+            return await link.request(msg, timeout=timeout)
+        except CONNECTION_ERRORS as error:
+            await self.pool.drop(route.address, link)
+            raise Unavailable(f"connection to {route.drone} lost: {error}") from error
+        except trio.TooSlowError:
+            raise Timeout(f"{route.drone} did not answer within {timeout:.3f} s") from None
+        except Unavailable as error:
+            if "retry_after_ms" not in error.detail:  # the connection, not the server
+                await self.pool.drop(route.address, link)
+            raise
+
+    async def route(self, slot: int, attempts: Attempts) -> Route:
+        table = await self.current_table(attempts)
+        route = table.route(slot)
+        if route is None:
+            raise NoOwner(f"no drone owns slot {slot} yet", detail={"slot": slot})
+        return route
+
+    async def call(self, slot: int, msg: Message, attempts: Attempts | None = None) -> Message:
+        """Send `msg` to the owner of `slot`, with every redirect and retry the policy allows."""
+        attempts = attempts or self.start()
+        ask: list[Route | None] = [None]
+
+        async def once(attempts: Attempts) -> Message:
+            target, ask[0] = ask[0], None
+            target = target or await self.route(slot, attempts)
+            return await self.send(target, msg, attempts)
+
+        return await self.retrying(attempts, once, on_ask=lambda route: ask.__setitem__(0, route))
+
+    async def call_at(self, route: Route, msg: Message, attempts: Attempts) -> Message:
+        """Send `msg` to one drone (no slot): retries UNAVAILABLE/TIMEOUT, not redirects."""
+
+        async def once(attempts: Attempts) -> Message:
+            return await self.send(route, msg, attempts)
+
+        return await self.retrying(attempts, once, redirects=False)
+
+    @property
+    def rng(self) -> random.Random:
+        return self._rng
+
+    def start(self) -> Attempts:
+        return Attempts.start(self.policy, trio.current_time())
+
+    # ------------------------------------------------------------------ the retry loop
+
+    async def retrying(
+        self,
+        attempts: Attempts,
+        once: Callable[[Attempts], Awaitable[T]],
+        *,
+        on_ask: Callable[[Route], None] | None = None,
+        redirects: bool = True,
+    ) -> T:
+        """Run `once` until it succeeds, retrying as the module docstring says. With
+        `redirects=False`, MOVED and ASK are raised to the caller (who must re-route)."""
+        while True:
+            try:
+                return await once(attempts)
+            except DeadlineExceeded:
+                raise
+            except (Moved, Ask) as redirect:
+                if not redirects:
+                    raise
+                decision = await self.classify(redirect, attempts, allow_ask=on_ask is not None)
+                if decision.ask is not None and on_ask is not None:
+                    on_ask(decision.ask)
+                last: ServiceError = redirect
+            except (Unavailable, Timeout) as error:
+                decision = await self.classify(error, attempts, allow_ask=False)
+                last = error
+            now = trio.current_time()
+            pause = attempts.next_pause_s(now, self._rng, floor_s=decision.pause_floor_s)
+            if pause is None:
+                raise DeadlineExceeded(
+                    f"gave up after {attempts.count} attempts: {last.message}",
+                    detail={"attempts": attempts.count, "last_code": str(last.code)},
+                ) from last
+            if not (decision.immediate or decision.ask is not None):
+                await trio.sleep(pause)
+
+    async def classify(self, error: ServiceError, attempts: Attempts, *, allow_ask: bool) -> _Retry:
+        """How to retry after `error` (a MOVED/ASK/UNAVAILABLE/TIMEOUT); raise if we cannot."""
+        if isinstance(error, NoOwner):
+            await self.refresh(attempts, seen=self._refreshes)
+            return _Retry()
+        if isinstance(error, Moved):
+            if self._table is not None and self._table.apply_moved(error.detail):
+                return _Retry(immediate=True)
+            seen = self._refreshes
+            await self.refresh(attempts, seen=seen)
+            return _Retry()
+        if isinstance(error, Ask):
+            address = error.detail.get("address")
+            if not allow_ask or not isinstance(address, str) or not address:
+                raise error
+            owner = error.detail.get("owner")
+            if not isinstance(owner, str) or not owner:
+                owner = self._name_of(address)
+            return _Retry(ask=Route(drone=owner, address=address, epoch=0))
+        retry_after_ms = error.detail.get("retry_after_ms", 0)
+        floor_s = retry_after_ms / 1000 if type(retry_after_ms) in (int, float) else 0.0
+        return _Retry(pause_floor_s=max(0.0, floor_s))
+
+    def _name_of(self, address: str) -> str:
+        if self._table is not None:
+            for name, known in self._table.drones().items():
+                if known == address:
+                    return name
+        return ""

@@ -1,0 +1,232 @@
+"""Optimistic transactions: reads record versions, writes are buffered, commit validates.
+
+`TxnBuffer` is the pure bookkeeping (no I/O): the read set, the buffered writes in order, and
+read-your-writes lookups. `AsyncTransaction` adds the network: reads go to the key's owner,
+commit sends one `kv.txn_commit` to the drone that owns every key. Keys on several drones are
+refused with `CrossDroneTransaction` (read-only ones too: see that error's docstring).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import trio
+
+from keyval.client.checks import admit_key, admit_value
+from keyval.client.errors import CrossDroneTransaction, TransactionFinished
+from keyval.client.policy import Attempts
+from keyval.client.router import Router
+from keyval.client.routing import Route
+from keyval.keys import key_slot
+from keyval.messages import Committed, Get, TxnCommit, ValueReply
+from wire.errors import Internal, TooLarge
+from wire.messages import Key
+
+OP_ID_BYTES = 16  # 128 random bits: a collision between two clients' op ids is not a concern
+
+# Keys one transaction may touch: its commit is one message and must fit a frame; FoundationDB
+# caps a transaction at 10 MB, and a commit here is one request of at most 1 MiB anyway.
+MAX_TRANSACTION_KEYS = 1000
+
+WRITE_PUT = "put"
+WRITE_DELETE = "del"
+
+
+class Entry(NamedTuple):
+    value: Any  # None when absent
+    version: int  # 0 when absent
+
+
+ABSENT = Entry(None, 0)
+
+
+class TxnBuffer:
+    """Read set and write buffer of one transaction, keyed by canonical key."""
+
+    def __init__(self) -> None:
+        self._reads: dict[bytes, tuple[Key, Entry]] = {}
+        self._writes: dict[bytes, tuple[Key, str, Any]] = {}
+
+    def lookup(self, canonical: bytes) -> Entry | None:
+        """What this transaction already knows of a key: its own write, else its earlier read."""
+        write = self._writes.get(canonical)
+        if write is not None:
+            _, op, value = write
+            return Entry(value, -1) if op == WRITE_PUT else ABSENT
+        read = self._reads.get(canonical)
+        return read[1] if read is not None else None
+
+    def record_read(self, canonical: bytes, key: Key, entry: Entry) -> None:
+        self._check_room(canonical)
+        self._reads.setdefault(canonical, (key, entry))
+
+    def put(self, canonical: bytes, key: Key, value: Any) -> None:
+        self._check_room(canonical)
+        self._writes[canonical] = (key, WRITE_PUT, value)
+
+    def delete(self, canonical: bytes, key: Key) -> None:
+        self._check_room(canonical)
+        self._writes[canonical] = (key, WRITE_DELETE, None)
+
+    def _check_room(self, canonical: bytes) -> None:
+        if canonical in self._reads or canonical in self._writes:
+            return
+        if len(self.keys()) >= MAX_TRANSACTION_KEYS:
+            raise TooLarge(f"a transaction touches at most {MAX_TRANSACTION_KEYS} keys")
+
+    def keys(self) -> dict[bytes, Key]:
+        """Every key read or written, canonical -> key."""
+        found = {c: key for c, (key, _) in self._reads.items()}
+        found.update((c, key) for c, (key, _, _) in self._writes.items())
+        return found
+
+    @property
+    def empty(self) -> bool:
+        return not self._reads and not self._writes
+
+    @property
+    def read_only(self) -> bool:
+        return not self._writes
+
+    def commit_message(self, op_id: bytes, ack: str) -> TxnCommit:
+        return TxnCommit(
+            reads=[(key, entry.version) for key, entry in self._reads.values()],
+            writes=list(self._writes.values()),
+            op_id=op_id,
+            ack=ack,
+        )
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class AsyncTransaction:
+    """`async with client.transaction() as tx:` — commits when the block ends without error."""
+
+    def __init__(self, router: Router, ack: str) -> None:
+        self._router = router
+        self._ack = ack
+        self._buffer = TxnBuffer()
+        self._drone: str | None = None  # the one drone every key so far lives on
+        self._state = _State.OPEN
+        self.versions: list[int] = []  # after commit: the new version of each write, in order
+
+    async def __aenter__(self) -> AsyncTransaction:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            await self.commit()
+        else:
+            self._state = _State.FAILED  # nothing was sent; dropping the buffer is the abort
+
+    def _check_open(self) -> None:
+        if self._state is not _State.OPEN:
+            raise TransactionFinished(f"this transaction is already {self._state.value}")
+
+    async def _check_drone(self, key: Key) -> Route:
+        attempts = self._router.start()
+        route = await self._router.route(key_slot(key), attempts)
+        if self._drone is None:
+            self._drone = route.drone
+        elif route.drone != self._drone:
+            self._fail_cross(route.drone)
+        return route
+
+    def _fail_cross(self, other: str) -> None:
+        self._state = _State.FAILED
+        raise CrossDroneTransaction(
+            f"transaction keys live on drones {self._drone} and {other}; cross-drone "
+            "transactions are not supported yet (use {tag} keys to keep them together)",
+            detail={"drones": sorted({self._drone or "", other})},
+        )
+
+    async def get(self, key: Key, default: Any = None) -> Any:
+        entry = await self.get_entry(key)
+        return default if entry.version == 0 else entry.value
+
+    async def get_entry(self, key: Key) -> Entry:
+        """(value, version) as this transaction sees it; version -1 marks its own unsaved write."""
+        self._check_open()
+        canonical = admit_key(key)
+        known = self._buffer.lookup(canonical)
+        if known is not None:
+            return known
+        await self._check_drone(key)
+        reply = await self._router.call(key_slot(key), Get(key=key))
+        if not isinstance(reply, ValueReply):
+            raise Internal(f"a drone answered kv.get with {reply.TYPE}")
+        entry = Entry(reply.value, reply.version) if reply.found else ABSENT
+        self._buffer.record_read(canonical, key, entry)
+        return entry
+
+    async def put(self, key: Key, value: Any) -> None:
+        self._check_open()
+        canonical = admit_key(key)
+        admit_value(value)
+        await self._check_drone(key)
+        self._buffer.put(canonical, key, value)
+
+    async def delete(self, key: Key) -> None:
+        self._check_open()
+        canonical = admit_key(key)
+        await self._check_drone(key)
+        self._buffer.delete(canonical, key)
+
+    async def commit(self) -> list[int]:
+        """Validate the reads and apply the writes on the owning drone; raise Conflict if not."""
+        self._check_open()
+        if self._buffer.empty:
+            self._state = _State.COMMITTED
+            return []
+        request = self._buffer.commit_message(os.urandom(OP_ID_BYTES), self._ack)
+        keys = list(self._buffer.keys().values())
+        ask: list[Route | None] = [None]
+
+        async def once(attempts: Attempts) -> Committed:
+            target, ask[0] = ask[0], None
+            if target is None:
+                target = await self._commit_route(keys, attempts)
+            reply = await self._router.send(target, request, attempts)
+            if not isinstance(reply, Committed):
+                raise Internal(f"a drone answered kv.txn_commit with {reply.TYPE}")
+            return reply
+
+        try:
+            reply = await self._router.retrying(
+                self._router.start(), once, on_ask=lambda route: ask.__setitem__(0, route)
+            )
+        except BaseException:
+            if self._state is _State.OPEN:
+                self._state = _State.FAILED
+            raise
+        self._state = _State.COMMITTED
+        self.versions = list(reply.versions)
+        return self.versions
+
+    async def _commit_route(self, keys: list[Key], attempts: Attempts) -> Route:
+        routes = {}
+        for key in keys:
+            route = await self._router.route(key_slot(key), attempts)
+            routes[route.drone] = route
+        if len(routes) > 1:
+            names = sorted(routes)
+            self._drone = names[0]
+            self._fail_cross(names[1])
+        return next(iter(routes.values()))
+
+
+async def pause_before_rerun(router: Router, attempt: int) -> None:
+    """Backoff between re-runs of a transaction function after a conflict."""
+    await trio.sleep(router.policy.backoff_s(attempt, router.rng))
