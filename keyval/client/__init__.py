@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from keyval.client.aio import AsyncClient, aconnect
 from keyval.client.blocking import Client, Transaction, connect
+from keyval.client.decorator import transactional
 from keyval.client.errors import (
     ClientClosed,
     CrossDroneTransaction,
@@ -24,7 +25,6 @@ from keyval.client.errors import (
     TooManyConflicts,
     TransactionFinished,
 )
-from keyval.client.transactional import transactional
 from keyval.client.txn import AsyncTransaction, Entry
 
 __all__ = [
