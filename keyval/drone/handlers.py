@@ -1,0 +1,46 @@
+"""The drone's request handler: checks the caller's role, then dispatches by message type."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from auth.roles import require_role
+from keyval.drone.reads import handle_get, handle_get_many, handle_scan
+from keyval.drone.state import DroneState
+from keyval.drone.writes import handle_cas, handle_delete, handle_put, handle_txn_commit
+from keyval.messages import CompareAndSet, Delete, Get, GetMany, Put, Scan, TxnCommit
+from wire.channel import PeerInfo
+from wire.errors import BadRequest
+from wire.messages import Message, Ok, Ping
+
+# Roles that may use the kv.* requests.
+KV_ROLES = ("client", "admin")
+
+_Handler = Callable[[DroneState, PeerInfo, Any], Awaitable[Message]]
+
+_KV_HANDLERS: dict[type[Message], _Handler] = {
+    Get: handle_get,
+    GetMany: handle_get_many,
+    Scan: handle_scan,
+    Put: handle_put,
+    Delete: handle_delete,
+    CompareAndSet: handle_cas,
+    TxnCommit: handle_txn_commit,
+}
+
+
+class DroneHandler:
+    """`await handler(peer, msg)`: the shape keyval.net.serve calls."""
+
+    def __init__(self, state: DroneState) -> None:
+        self.state = state
+
+    async def __call__(self, peer: PeerInfo, msg: Message) -> Message:
+        if isinstance(msg, Ping):
+            return Ok()
+        handler = _KV_HANDLERS.get(type(msg))
+        if handler is None:
+            raise BadRequest(f"a drone does not answer {msg.TYPE!r}")
+        require_role(peer, *KV_ROLES, action=msg.TYPE)
+        return await handler(self.state, peer, msg)

@@ -1,0 +1,89 @@
+"""The drone's bounded memory of mutation results by op id.
+
+A client retries a mutation with the same 16-byte op id; while the drone remembers the first
+reply it answers with that reply and applies nothing. The cache is bounded (oldest entries go
+first); past it, the db, which keeps op results for an hour, is the authority: a retried op
+reaches the db, which answers with the first result and applies nothing.
+
+An op still in flight is remembered too, so a retry that overtakes the first attempt waits for
+its reply instead of applying the mutation a second time.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import trio
+
+from wire.errors import BadRequest, Unavailable
+from wire.messages import Message
+
+# Remembered replies. One entry is ~200 B (op id, small reply, dict slot): 64 Ki entries cost
+# ~13 MiB and cover seconds to minutes of retries at high write rates; the db covers the rest.
+MAX_CACHED_OPS = 64 * 1024
+
+# Op ids are 16 random bytes (UUID-sized): collisions between clients are negligible.
+OP_ID_BYTES = 16
+
+# How long a retry waits for an identical op still in flight before answering UNAVAILABLE.
+INFLIGHT_WAIT_MS = 5000
+
+# What the waiting retry is told if the first attempt is still running.
+INFLIGHT_RETRY_AFTER_MS = 100
+
+
+def check_op_id(op_id: bytes) -> None:
+    if len(op_id) != OP_ID_BYTES:
+        raise BadRequest(f"op_id must be {OP_ID_BYTES} bytes, got {len(op_id)}")
+
+
+class OpCache:
+    """op_id -> first reply, bounded; plus the ops still being applied."""
+
+    def __init__(self, max_entries: int = MAX_CACHED_OPS) -> None:
+        if max_entries <= 0:
+            raise ValueError("max_entries must be positive")
+        self._max_entries = max_entries
+        self._replies: OrderedDict[bytes, Message] = OrderedDict()
+        self._inflight: dict[bytes, trio.Event] = {}
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def lookup(self, op_id: bytes) -> Message | None:
+        return self._replies.get(op_id)
+
+    async def begin(self, op_id: bytes) -> Message | None:
+        """Claim `op_id` for a new attempt, or return the reply of an earlier one.
+
+        If another attempt is in flight, wait (bounded) for it and return its reply; if it
+        failed, this attempt claims the op. The caller must call `finish` after a claim."""
+        while True:
+            reply = self._replies.get(op_id)
+            if reply is not None:
+                return reply
+            running = self._inflight.get(op_id)
+            if running is None:
+                self._inflight[op_id] = trio.Event()
+                return None
+            with trio.move_on_after(INFLIGHT_WAIT_MS / 1000):
+                await running.wait()
+                continue
+            raise Unavailable(
+                "the same operation is still in flight",
+                detail={"retry_after_ms": INFLIGHT_RETRY_AFTER_MS},
+            )
+
+    def finish(self, op_id: bytes, reply: Message | None) -> None:
+        """End the attempt that claimed `op_id`; remember `reply` (None: it failed, forget)."""
+        if reply is not None:
+            self._replies[op_id] = reply
+            self._replies.move_to_end(op_id)
+            while len(self._replies) > self._max_entries:
+                self._replies.popitem(last=False)
+        event = self._inflight.pop(op_id, None)
+        if event is not None:
+            event.set()
+
+    def statistics(self) -> dict[str, int]:
+        return {"cached": len(self._replies), "inflight": len(self._inflight)}

@@ -1,0 +1,273 @@
+"""Mutations: put, delete, compare-and-set, transaction commit.
+
+Every mutation follows the same steps: admit the request (key, value size, permission, op id),
+claim its op id (a retry gets the first reply), wait until its slots are served, and for
+cas/txn wait until its keys have no pending write. Then, with no await in between: re-check
+the slots, validate (cas/txn), hand out versions and mark the keys pending. The writes go to
+the db in the drone's next batch.
+
+Ack modes:
+
+- "durable" (default): the writes are applied in memory, and the client answered, only once
+  the db has committed them. A crash of the drone loses nothing acknowledged.
+- "memory": the writes are applied in memory and the client answered at once; the db write
+  follows in the next batch. A crash of the drone (or a db refusal, e.g. because the slot
+  moved) loses every memory-acked write of the last few milliseconds that had not reached the
+  db yet, even though the client heard "ok"; after a reseed those keys show their last durable
+  state. Other clients may have read the lost values meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from keyval.drone.batcher import Completion
+from keyval.drone.opcache import check_op_id
+from keyval.drone.state import DroneState, check_permission
+from keyval.keys import Key, check_key, key_from_canonical, key_slot
+from keyval.messages import (
+    ACK_MEMORY,
+    ACK_MODES,
+    Committed,
+    CompareAndSet,
+    DbOp,
+    DbWrite,
+    Delete,
+    Put,
+    TxnCommit,
+    Written,
+)
+from wire import codec
+from wire.channel import PeerInfo
+from wire.errors import BadRequest, Conflict, ServiceError, TooLarge
+from wire.messages import Message
+
+log = logging.getLogger("keyval.drone")
+
+# Keys one transaction may read plus write: bounds the validation work and, with the value
+# limit, what one db op carries.
+MAX_TXN_KEYS = 1024
+
+# Encoded bytes of all values one op writes: a DbOp must fit one 1 MiB frame with its batch.
+MAX_OP_VALUE_BYTES = 768 * 1024
+
+TXN_PUT = "put"
+TXN_DELETE = "del"
+
+# A write about to be made: (slot, canonical key, value, deleted).
+Planned = tuple[int, bytes, Any, bool]
+
+
+def _admit_key(state: DroneState, peer: PeerInfo, key: Key) -> tuple[int, bytes]:
+    data = check_key(key, state.limits.max_key_bytes)
+    check_permission(peer, key)
+    return key_slot(key), data
+
+
+def _value_bytes(state: DroneState, value: Any) -> int:
+    size_bytes = len(codec.encode(value))
+    if size_bytes > state.limits.max_value_bytes:
+        raise TooLarge(
+            f"value is {size_bytes} bytes encoded, limit {state.limits.max_value_bytes}",
+            detail={"size": size_bytes, "limit": state.limits.max_value_bytes},
+        )
+    return size_bytes
+
+
+def _check_ack(ack: str) -> None:
+    if ack not in ACK_MODES:
+        raise BadRequest(f"ack must be one of {', '.join(ACK_MODES)}, not {ack!r}")
+
+
+async def handle_put(state: DroneState, peer: PeerInfo, msg: Put) -> Message:
+    _check_ack(msg.ack)
+    slot, data = _admit_key(state, peer, msg.key)
+    size_bytes = _value_bytes(state, msg.value)
+    return await _once(state, msg.op_id, lambda: _put(state, msg, slot, data, size_bytes))
+
+
+async def _put(state: DroneState, msg: Put, slot: int, data: bytes, size_bytes: int) -> Message:
+    epoch = await state.wait_serving(slot)
+    state.check_slot_servable(slot, epoch)
+    existed = state.store.get(slot, data) is not None or state.pending.is_pending(slot, data)
+    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, msg.value, False)], size_bytes)
+    return Written(version=versions[0], existed=existed)
+
+
+async def handle_delete(state: DroneState, peer: PeerInfo, msg: Delete) -> Message:
+    _check_ack(msg.ack)
+    slot, data = _admit_key(state, peer, msg.key)
+    return await _once(state, msg.op_id, lambda: _delete(state, msg, slot, data))
+
+
+async def _delete(state: DroneState, msg: Delete, slot: int, data: bytes) -> Message:
+    epoch = await state.wait_serving(slot)
+    state.check_slot_servable(slot, epoch)
+    if state.store.get(slot, data) is None and not state.pending.is_pending(slot, data):
+        return Written(version=0, existed=False)
+    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, None, True)], 0)
+    return Written(version=versions[0], existed=True)
+
+
+async def handle_cas(state: DroneState, peer: PeerInfo, msg: CompareAndSet) -> Message:
+    _check_ack(msg.ack)
+    if msg.expected_version < 0:
+        raise BadRequest("expected_version is a version (>= 1) or 0 for 'absent'")
+    slot, data = _admit_key(state, peer, msg.key)
+    size_bytes = 0 if msg.delete else _value_bytes(state, msg.value)
+    return await _once(state, msg.op_id, lambda: _cas(state, msg, slot, data, size_bytes))
+
+
+async def _cas(
+    state: DroneState, msg: CompareAndSet, slot: int, data: bytes, size_bytes: int
+) -> Message:
+    epoch = await state.wait_serving(slot)
+    await state.pending.wait_clear([(slot, data)])
+    state.check_slot_servable(slot, epoch)  # no await from here to _write's marking
+    current = state.store.version_of(slot, data)
+    if current != msg.expected_version:
+        raise Conflict(
+            f"key version is {current}, expected {msg.expected_version}",
+            detail={"version": current},
+        )
+    if msg.delete and current == 0:
+        return Written(version=0, existed=False)
+    value = None if msg.delete else msg.value
+    versions = await _write(
+        state, msg.op_id, msg.ack, [(slot, data, value, msg.delete)], size_bytes
+    )
+    return Written(version=versions[0], existed=current != 0)
+
+
+async def handle_txn_commit(state: DroneState, peer: PeerInfo, msg: TxnCommit) -> Message:
+    _check_ack(msg.ack)
+    if len(msg.reads) + len(msg.writes) > MAX_TXN_KEYS:
+        raise TooLarge(f"a transaction touches at most {MAX_TXN_KEYS} keys")
+    reads = [(*_admit_key(state, peer, key), version) for key, version in msg.reads]
+    writes, size_bytes = _admit_txn_writes(state, peer, msg.writes)
+    return await _once(state, msg.op_id, lambda: _txn(state, msg, reads, writes, size_bytes))
+
+
+def _admit_txn_writes(
+    state: DroneState, peer: PeerInfo, writes: Sequence[tuple[Key, str, Any]]
+) -> tuple[list[Planned], int]:
+    planned: list[Planned] = []
+    seen: set[bytes] = set()
+    total_bytes = 0
+    for key, kind, value in writes:
+        if kind not in (TXN_PUT, TXN_DELETE):
+            raise BadRequest(f"a transaction write is {TXN_PUT!r} or {TXN_DELETE!r}, not {kind!r}")
+        slot, data = _admit_key(state, peer, key)
+        if data in seen:
+            raise BadRequest(f"key {key!r} is written twice in one transaction")
+        seen.add(data)
+        deleted = kind == TXN_DELETE
+        total_bytes += 0 if deleted else _value_bytes(state, value)
+        planned.append((slot, data, None if deleted else value, deleted))
+    if total_bytes > MAX_OP_VALUE_BYTES:
+        raise TooLarge(
+            f"transaction writes {total_bytes} bytes of values, limit {MAX_OP_VALUE_BYTES}"
+        )
+    return planned, total_bytes
+
+
+async def _txn(
+    state: DroneState,
+    msg: TxnCommit,
+    reads: list[tuple[int, bytes, int]],
+    writes: list[Planned],
+    size_bytes: int,
+) -> Message:
+    keys = sorted({(slot, data) for slot, data, _ in reads} | {(s, d) for s, d, _, _ in writes})
+    epochs = {slot: await state.wait_serving(slot) for slot in sorted({s for s, _ in keys})}
+    await state.pending.wait_clear(keys)
+    for slot, epoch in epochs.items():  # no await from here to _write's marking
+        state.check_slot_servable(slot, epoch)
+    stale = state.store.conflicts(reads)
+    if stale:
+        raise Conflict(
+            f"{len(stale)} read key(s) changed since they were read",
+            detail={"keys": [key_from_canonical(data) for data in stale]},
+        )
+    if not writes:
+        return Committed(versions=[])
+    versions = await _write(state, msg.op_id, msg.ack, writes, size_bytes)
+    return Committed(versions=versions)
+
+
+async def _once(
+    state: DroneState, op_id: bytes, attempt: Callable[[], Awaitable[Message]]
+) -> Message:
+    """Run `attempt` unless `op_id` already has a reply; remember a successful reply.
+
+    A failed attempt (CONFLICT, UNAVAILABLE, ...) applied nothing, so a retry runs again."""
+    check_op_id(op_id)
+    earlier = await state.ops.begin(op_id)
+    if earlier is not None:
+        return earlier
+    reply: Message | None = None
+    try:
+        reply = await attempt()
+        return reply
+    finally:
+        state.ops.finish(op_id, reply)
+
+
+async def _write(
+    state: DroneState, op_id: bytes, ack: str, writes: list[Planned], size_bytes: int
+) -> list[int]:
+    """Hand out versions, mark the keys pending, send to the db; return the new versions.
+
+    Must be entered with no await since the caller's last check of slots and versions."""
+    planned = []
+    for slot, data, value, deleted in writes:
+        epoch = state.table.epoch_of(slot)
+        if epoch is None:
+            raise RuntimeError(f"slot {slot} vanished between check and write")
+        planned.append(DbWrite(slot, data, value, deleted, state.store.next_version(slot, epoch)))
+    keys = [(write.slot, write.key) for write in planned]
+    state.pending.add(keys)
+    assigned = [write.version for write in planned]
+    memory = ack == ACK_MEMORY
+    if memory:
+        _apply(state, planned)
+    on_done = _completion(state, planned, keys, applied=memory)
+    op = DbOp(op_id=op_id, writes=planned)
+    if memory:
+        await state.batcher.submit(op, size_bytes, on_done)
+        return assigned
+    return await state.batcher.commit(op, size_bytes, on_done)
+
+
+def _apply(state: DroneState, writes: list[DbWrite]) -> None:
+    for write in writes:
+        if state.store.has_slot(write.slot):
+            state.store.apply(
+                write.slot, write.key, write.value, write.version, deleted=write.deleted
+            )
+
+
+def _completion(
+    state: DroneState, planned: list[DbWrite], keys: list[tuple[int, bytes]], *, applied: bool
+) -> Completion:
+    def on_done(versions: list[int] | None, error: ServiceError | None) -> None:
+        try:
+            if error is not None:
+                if applied:
+                    log.error("memory-acked write lost, db refused it: %s", error.message)
+                return
+            if versions is not None and len(versions) == len(planned) and not applied:
+                # Versions other than ours: the db answered a retried op_id with its first
+                # result and applied nothing now. Install that result (same writes, the
+                # db's versions); `apply` skips a key that already holds something newer.
+                _apply(state, [_with_version(w, v) for w, v in zip(planned, versions, strict=True)])
+        finally:
+            state.pending.resolve(keys)
+
+    return on_done
+
+
+def _with_version(write: DbWrite, version: int) -> DbWrite:
+    return DbWrite(write.slot, write.key, write.value, write.deleted, version)

@@ -1,0 +1,147 @@
+"""Per-slot ordered storage: the drone's in-memory data.
+
+Each slot the drone holds is a `SortedDict` from canonical key bytes (keyval.keys) to a
+2-tuple `(value, version)`. A tuple, not an object, keeps the per-key overhead small (the
+benchmark targets at most 200 B of RSS per key). Sorted canonical keys make prefix and range
+scans within a slot cheap, and a whole slot is dropped or installed at once.
+
+Versions: a version is `epoch * 2**40 + sequence`. Each slot keeps the highest version it has
+handed out or loaded; `next_version` hands out one above both that and the epoch's base, so a
+key's version never goes back, across deletes and reseeds (epochs rise on every move).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from wire.errors import BadRequest, Internal
+
+Entry = tuple[Any, int]  # (value, version); version > 0
+Item = tuple[bytes, Any, int]  # (canonical key, value, version)
+
+# Versions are epoch * 2**40 + a per-slot sequence: 2**40 writes to one slot in one epoch
+# (a trillion) is beyond any slot's life between moves.
+EPOCH_SHIFT_BITS = 40
+MAX_SEQUENCE = (1 << EPOCH_SHIFT_BITS) - 1
+
+
+def epoch_base(epoch: int) -> int:
+    """The lowest version a slot may hand out in `epoch` is one above this."""
+    return epoch << EPOCH_SHIFT_BITS
+
+
+class SlotStore:
+    """The keys of every slot this drone holds, ordered per slot."""
+
+    __slots__ = ("_last_version", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: dict[int, SortedDict] = {}
+        self._last_version: dict[int, int] = {}
+
+    # ------------------------------------------------------------ slots as a whole
+
+    def has_slot(self, slot: int) -> bool:
+        return slot in self._slots
+
+    def slots(self) -> list[int]:
+        return sorted(self._slots)
+
+    def install_slot(self, slot: int, items: Iterable[Item]) -> None:
+        """Replace `slot` with `items` (in any order); its version counter starts above them."""
+        data: SortedDict = SortedDict()
+        highest = 0
+        for key, value, version in items:
+            if type(key) is not bytes or type(version) is not int or version <= 0:
+                raise BadRequest(f"bad reseed item for slot {slot}: version {version!r}")
+            data[key] = (value, version)
+            highest = max(highest, version)
+        self._slots[slot] = data
+        self._last_version[slot] = highest
+
+    def create_slot(self, slot: int) -> None:
+        """Start `slot` empty (a slot the db has nothing for)."""
+        self.install_slot(slot, ())
+
+    def drop_slot(self, slot: int) -> None:
+        self._slots.pop(slot, None)
+        self._last_version.pop(slot, None)
+
+    def key_count(self, slot: int | None = None) -> int:
+        if slot is not None:
+            return len(self._slots.get(slot, ()))
+        return sum(len(data) for data in self._slots.values())
+
+    # ------------------------------------------------------------ single keys
+
+    def _data(self, slot: int) -> SortedDict:
+        data = self._slots.get(slot)
+        if data is None:
+            raise Internal(f"slot {slot} is not loaded in this store")
+        return data
+
+    def get(self, slot: int, key: bytes) -> Entry | None:
+        entry: Entry | None = self._data(slot).get(key)
+        return entry
+
+    def version_of(self, slot: int, key: bytes) -> int:
+        """The key's current version, 0 when absent."""
+        entry = self._data(slot).get(key)
+        return 0 if entry is None else int(entry[1])
+
+    def next_version(self, slot: int, epoch: int) -> int:
+        """Hand out the next version for a write to `slot` in `epoch` (never reused)."""
+        base = epoch_base(epoch)
+        version = max(self._last_version.get(slot, 0), base) + 1
+        if version - base > MAX_SEQUENCE:
+            raise Internal(f"slot {slot} ran out of versions in epoch {epoch}")
+        self._last_version[slot] = version
+        return version
+
+    def apply(self, slot: int, key: bytes, value: Any, version: int, *, deleted: bool) -> bool:
+        """Install one durable write unless the key already holds a newer version.
+
+        Returns whether it was applied. A delete removes the key."""
+        data = self._data(slot)
+        current = data.get(key)
+        if current is not None and current[1] >= version:
+            return False
+        if deleted:
+            data.pop(key, None)
+        else:
+            data[key] = (value, version)
+        if version > self._last_version.get(slot, 0):
+            self._last_version[slot] = version
+        return True
+
+    def conflicts(self, reads: Iterable[tuple[int, bytes, int]]) -> list[bytes]:
+        """OCC validation: the keys of `reads` (slot, key, version seen) whose version moved."""
+        return [key for slot, key, seen in reads if self.version_of(slot, key) != seen]
+
+    # ------------------------------------------------------------ scans
+
+    def scan(
+        self,
+        slot: int,
+        *,
+        prefix: bytes | None = None,
+        start: bytes | None = None,
+        end: bytes | None = None,
+        after: bytes | None = None,
+    ) -> Iterator[Item]:
+        """Items of `slot` in key order: keys starting with `prefix`, in [start, end), and
+        strictly after `after`. A generator: the caller stops when its page is full."""
+        data = self._data(slot)
+        lower, lower_inclusive = start, True
+        if prefix is not None and (lower is None or prefix > lower):
+            lower = prefix
+        if after is not None and (lower is None or after >= lower):
+            lower, lower_inclusive = after, False
+        for key in data.irange(lower, end, inclusive=(lower_inclusive, False)):
+            if prefix is not None and not key.startswith(prefix):
+                return
+            value, version = data[key]
+            yield key, value, version
