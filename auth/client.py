@@ -13,6 +13,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -22,7 +23,6 @@ from auth.handshake import AuthorityClientAuth, TicketClientAuth
 from auth.login import finish_login, start_login
 from auth.messages import LoginReply, TicketReply, TicketRequest
 from auth.tickets import AUTHORITY_SERVICE
-from keyval import net
 from wire.channel import ClientAuth
 from wire.errors import Internal
 
@@ -32,12 +32,17 @@ RENEW_AT_FRACTION = 0.8
 # Talking to the authority: a login is one round trip after the handshake.
 AUTHORITY_TIMEOUT_S = 10.0
 
-Connect = Callable[[str, ClientAuth], Awaitable[net.Connection]]
+if TYPE_CHECKING:  # keyval imports auth.client: import keyval.net only when used
+    from keyval.net import Connection
+
+Connect = Callable[[str, ClientAuth], Awaitable["Connection"]]
 Clock = Callable[[], float]
 
 
-async def _tcp_connect(address: str, auth: ClientAuth) -> net.Connection:
-    return await net.open_connection(address, auth, timeout=AUTHORITY_TIMEOUT_S)
+async def _tcp_connect(address: str, auth: ClientAuth) -> Connection:
+    from keyval.net import open_connection
+
+    return await open_connection(address, auth, timeout=AUTHORITY_TIMEOUT_S)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,7 +99,7 @@ class Credentials:
             self._tgt = None
         self._tickets.pop(service_name, None)
 
-    async def authority_connection(self) -> net.Connection:
+    async def authority_connection(self) -> Connection:
         """A connection to the authority authenticated with this principal's TGT."""
         return await self._connect(
             self.authority_address, await self.client_auth(AUTHORITY_SERVICE)

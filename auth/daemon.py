@@ -18,7 +18,6 @@ from auth.authority import ANONYMOUS_ROLE, Authority, AuthorityConfig
 from auth.datadir import ensure_authority_dir, locked
 from auth.handshake import AuthorityServerAuth
 from auth.principals import Registry
-from keyval import net
 from wire.channel import PeerInfo, ServerAuth
 from wire.messages import Message
 
@@ -36,6 +35,8 @@ async def run_authority(
     """Serve the authority from `data_dir` on `listen` until cancelled.
 
     `task_status.started(bound_address)` once it accepts connections."""
+    from keyval import net
+
     data_dir = Path(data_dir)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with locked(data_dir, purpose="start a second authority daemon"):

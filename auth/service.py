@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -23,9 +24,11 @@ from auth.client import AUTHORITY_TIMEOUT_S, Clock, Credentials
 from auth.handshake import ServiceKeyring, TicketServerAuth
 from auth.keys import KeyFileError
 from auth.messages import ServiceState, ServiceStateRequest
-from keyval import net
 from wire.channel import PeerInfo, ServerAuth
 from wire.errors import Internal, LocalProtocolError, WireError
+
+if TYPE_CHECKING:  # keyval imports auth: no runtime import of keyval here
+    from keyval.net import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class ServiceIdentity:
         self.refresh_s = refresh_s
         self._clock = clock
         self._keyring: ServiceKeyring | None = None
-        self._connection: net.Connection | None = None
+        self._connection: Connection | None = None
         self.last_refresh_at: float | None = None
         self.refresh_failures = 0
 
