@@ -1,0 +1,232 @@
+"""The commander daemon: a thin trio shell around `CommanderState`.
+
+Start-up: log in, register a term with the db, load the persisted map and the grant key, then
+serve drones (register, heartbeat), clients (slot map) and admins (drain, move). A ticker task
+feeds the state machine the time, runs the saves it asks for and reports them back; grants
+come only from maps the db has confirmed. If the db refuses a save as Fenced, a newer
+commander has registered: this one stops (exit) rather than act on a stale term.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import trio
+
+from auth.client import Credentials
+from auth.roles import require_role
+from auth.service import ServiceIdentity
+from keyval import net
+from keyval.commander.dblink import DbLink, Resumed
+from keyval.commander.state import CommanderState, DroneFailed, SaveMap
+from keyval.grants import Grant, sign_grant
+from keyval.messages import (
+    Drain,
+    GetMap,
+    Heartbeat,
+    HeartbeatReply,
+    MapChange,
+    MoveSlot,
+    Register,
+    Registered,
+    SlotMap,
+)
+from keyval.nodeconfig import NodeOptions, write_ready_file
+from keyval.timing import FAILURE_CHECK_MS, HEARTBEAT_MS, LEASE_MS, check_timing
+from wire.channel import PeerInfo
+from wire.errors import BadRequest, Fenced, Unauthorized, WireError
+from wire.messages import Message
+
+logger = logging.getLogger("keyval.commander")
+
+DEFAULT_DB_NAME = "db"  # the db's principal name in a local cluster
+
+# After a failed map save (db down), wait this long before the next try: a few failure-check
+# periods, so a dead db is not hammered but a brief outage costs little.
+SAVE_RETRY_S = 0.1
+
+# Start-up waits this long at most for the db (login, term, map, key) before giving up with a
+# clear error; a cluster launcher starts the db first, so it is normally there at once.
+START_TIMEOUT_S = 30.0
+START_RETRY_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class CommanderSettings:
+    db: str
+    db_name: str = DEFAULT_DB_NAME
+    expect_drones: int = 1
+    heartbeat_ms: int = HEARTBEAT_MS
+    lease_ms: int = LEASE_MS
+
+    @classmethod
+    def from_options(cls, options: NodeOptions) -> CommanderSettings:
+        """Read and check the commander keys of `options.extra`; raise ValueError."""
+        db = options.get("db")
+        if not isinstance(db, str) or not db:
+            raise ValueError("missing --db HOST:PORT (the database interface)")
+        net.parse_address(db)
+        settings = cls(
+            db=db,
+            db_name=str(options.get("db_name") or DEFAULT_DB_NAME),
+            expect_drones=int(options.get("expect_drones") or 1),
+            heartbeat_ms=int(options.get("heartbeat_ms") or HEARTBEAT_MS),
+            lease_ms=int(options.get("lease_ms") or LEASE_MS),
+        )
+        if settings.expect_drones < 1:
+            raise ValueError("--expect-drones must be at least 1")
+        check_timing(settings.heartbeat_ms, settings.lease_ms)
+        return settings
+
+
+class Commander:
+    """Request handling and the ticker around one term's state machine."""
+
+    def __init__(self, state: CommanderState, grant_key: bytes, db: DbLink) -> None:
+        self.state = state
+        self.grant_key = grant_key
+        self.db = db
+        self._wake = trio.Event()
+        self._issued_ms = 0
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    async def handle(self, peer: PeerInfo, msg: Message) -> Message:
+        if isinstance(msg, Heartbeat):
+            return self._heartbeat(peer, msg)
+        if isinstance(msg, Register):
+            return self._register(peer, msg)
+        if isinstance(msg, GetMap):
+            return self.slot_map()
+        if isinstance(msg, Drain):
+            require_role(peer, "admin", action="drain")
+            return self._changed(self.state.drain(msg.drone, self.now()))
+        if isinstance(msg, MoveSlot):
+            require_role(peer, "admin", action="move")
+            return self._changed(self.state.move(msg.slot, msg.drone, self.now()))
+        raise BadRequest(f"the commander does not handle {msg.TYPE}")
+
+    def _register(self, peer: PeerInfo, msg: Register) -> Message:
+        _require_drone(peer, msg.drone)
+        record = self.state.register(msg.drone, msg.address, msg.capacity_keys, self.now())
+        logger.info(
+            "drone %s registered at %s (incarnation %d)", msg.drone, msg.address, record.incarnation
+        )
+        self._wake.set()
+        return Registered(record.incarnation, self.state.heartbeat_ms, self.state.lease_ms)
+
+    def _heartbeat(self, peer: PeerInfo, msg: Heartbeat) -> Message:
+        _require_drone(peer, msg.drone)
+        ranges = self.state.heartbeat(msg.drone, msg.incarnation, msg.load, self.now())
+        grant = Grant(msg.drone, self.state.term, tuple(ranges), self._next_issued_ms())
+        return HeartbeatReply(sign_grant(grant, self.grant_key), self.state.saved_version)
+
+    def _next_issued_ms(self) -> int:
+        """Strictly rising per commander, so a drone can tell a newer grant from an older."""
+        self._issued_ms = max(self._issued_ms + 1, math.floor(self.now() * 1000))
+        return self._issued_ms
+
+    def _changed(self, version: int) -> Message:
+        self._wake.set()
+        return MapChange(version)
+
+    def slot_map(self) -> SlotMap:
+        return SlotMap(
+            term=self.state.term,
+            version=self.state.saved_version,
+            ranges=self.state.map_ranges(),
+            drones=self.state.addresses(),
+            leader=self.state.name,
+        )
+
+    async def run_ticker(self) -> None:
+        """Feed time to the state machine; run saves one at a time. Raises Fenced if deposed."""
+        while True:
+            with trio.move_on_after(FAILURE_CHECK_MS / 1000):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            for instruction in self.state.tick(self.now()):
+                if isinstance(instruction, DroneFailed):
+                    logger.warning("drone %s failed: its lease expired", instruction.drone)
+                elif isinstance(instruction, SaveMap):
+                    await self._save(instruction)
+
+    async def _save(self, save: SaveMap) -> None:
+        try:
+            await self.db.save_map(self.state.term, save.version, save.ranges)
+        except Fenced:
+            logger.error("term %d fenced by the db: a newer commander leads", self.state.term)
+            raise
+        except WireError as error:
+            logger.warning("saving map version %d failed: %s", save.version, error)
+            self.state.save_failed(save.version)
+            await trio.sleep(SAVE_RETRY_S)
+            return
+        self.state.map_saved(save.version, self.now())
+        logger.info("map version %d saved (%d ranges)", save.version, len(save.ranges))
+
+
+def _require_drone(peer: PeerInfo, drone: str) -> None:
+    require_role(peer, "drone", action="registering or heartbeating as a drone")
+    if peer.name != drone:
+        raise Unauthorized(
+            f"principal {peer.name!r} cannot speak for drone {drone!r}: the names must match",
+            detail={"principal": peer.name, "drone": drone},
+        )
+
+
+async def _start_db(db: DbLink, name: str) -> Resumed:
+    """Register a term and resume the map, retrying while the db is not reachable yet."""
+    with trio.fail_after(START_TIMEOUT_S):
+        while True:
+            try:
+                return await db.start(name)
+            except Fenced:
+                raise
+            except WireError as error:
+                logger.warning("db at %s not ready: %s; retrying", db.address, error)
+                await trio.sleep(START_RETRY_S)
+
+
+async def run_commander(
+    options: NodeOptions, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve as commander until cancelled (or fenced by a newer one)."""
+    settings = CommanderSettings.from_options(options)
+    if options.data is not None:
+        options.data.mkdir(parents=True, exist_ok=True)
+    credentials = Credentials(options.name, options.key, options.authority, options.authority_key)
+    db = DbLink(credentials, settings.db, settings.db_name)
+    try:
+        async with trio.open_nursery() as nursery:
+            identity = ServiceIdentity(credentials)
+            await identity.start(nursery)
+            resumed = await _start_db(db, options.name)
+            state = CommanderState(
+                name=options.name,
+                term=resumed.term,
+                now=trio.current_time(),
+                persisted_version=resumed.map_version,
+                persisted_ranges=resumed.ranges,
+                expect_drones=settings.expect_drones,
+                heartbeat_ms=settings.heartbeat_ms,
+                lease_ms=settings.lease_ms,
+            )
+            commander = Commander(state, resumed.grant_key, db)
+            bound = await nursery.start(
+                functools.partial(net.serve, revoked=identity.revoked),
+                options.listen,
+                identity.server_auth,
+                commander.handle,
+            )
+            nursery.start_soon(commander.run_ticker)
+            logger.info("commander %s term %d serving on %s", options.name, state.term, bound)
+            write_ready_file(options.ready_file, bound)
+            task_status.started(bound)
+    finally:
+        with trio.CancelScope(shield=True):
+            await db.aclose()
