@@ -40,7 +40,7 @@ Clock = Callable[[], float]
 
 
 async def _tcp_connect(address: str, auth: ClientAuth) -> Connection:
-    from keyval.net import open_connection
+    from keyval.net import open_connection  # here, not at the top: keyval imports auth.client
 
     return await open_connection(address, auth, timeout=AUTHORITY_TIMEOUT_S)
 

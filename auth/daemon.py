@@ -35,7 +35,7 @@ async def run_authority(
     """Serve the authority from `data_dir` on `listen` until cancelled.
 
     `task_status.started(bound_address)` once it accepts connections."""
-    from keyval import net
+    from keyval import net  # here, not at the top: keyval imports auth
 
     data_dir = Path(data_dir)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
