@@ -26,7 +26,7 @@ def require_role(peer: PeerInfo, *roles: str, action: str = "this request") -> N
         )
 
 
-def check_key_permission(peer: PeerInfo, key: str | bytes) -> None:
+def check_key_permission(peer: PeerInfo, key: str | bytes | int) -> None:
     """Raise Unauthorized if `peer` has key-prefix permissions and `key` matches none of them.
 
     A principal without prefixes (every non-client role, and unrestricted clients) may touch

@@ -144,7 +144,7 @@ def test_key_prefix_permissions(setup: Setup) -> None:
     alice = connect(setup, "alice", "drone-1", T0, T0)
     check_key_permission(alice, "alice/x")
     check_key_permission(alice, b"alice/y")
-    for key in ("bob/x", b"bob", "alic"):
+    for key in ("bob/x", b"bob", "alic", 7):
         with pytest.raises(Unauthorized, match="may only use keys starting with 'alice/'"):
             check_key_permission(alice, key)
     check_key_permission(connect(setup, "bob", "drone-1", T0, T0), "anything")
