@@ -74,16 +74,10 @@ class DbLink:
         loaded = _expect(await self.request(DbLoadMap()), DbMap)
         term = loaded.term + 1
         for _ in range(MAX_TERM_ATTEMPTS):
-            try:
-                registered = _expect(await self.request(DbRegisterTerm(commander, term)), DbTerm)
-            except Fenced as error:
-                newest = error.detail.get("term")
-                if type(newest) is not int or newest < term:
-                    raise
-                term = newest + 1
-                continue
-            term = registered.term
-            break
+            newest = await self._try_term(commander, term)
+            if newest is None:
+                break
+            term = newest + 1
         else:
             raise Fenced(f"could not register a commander term in {MAX_TERM_ATTEMPTS} tries")
         loaded = _expect(await self.request(DbLoadMap()), DbMap)
@@ -96,6 +90,20 @@ class DbLink:
             len(loaded.ranges),
         )
         return Resumed(term, loaded.version, list(loaded.ranges), key)
+
+    async def _try_term(self, commander: str, term: int) -> int | None:
+        """None if `term` is now ours; else the newest registered term that beat it (the db
+        answers either Fenced with the newest term, or the stored record)."""
+        try:
+            stored = _expect(await self.request(DbRegisterTerm(commander, term)), DbTerm)
+        except Fenced as error:
+            newest = error.detail.get("term")
+            if type(newest) is not int:
+                raise
+            return max(newest, term)
+        if stored.term == term and stored.commander == commander:
+            return None
+        return max(stored.term, term)
 
     async def save_map(self, term: int, version: int, ranges: list[MapRange]) -> None:
         await self.request(DbSaveMap(term=term, version=version, ranges=ranges))
