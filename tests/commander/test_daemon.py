@@ -55,6 +55,7 @@ class Cluster:
     db: str
     commander: str
     nursery: trio.Nursery
+    opened: list[net.Connection]
 
     def options(self, name: str, **extra: object) -> NodeOptions:
         return NodeOptions(
@@ -72,22 +73,27 @@ class Cluster:
             name, self.root / "keys" / f"{name}.key", self.authority, self.authority_key
         )
         auth = await credentials.client_auth("commander-1")
-        return await net.open_connection(self.commander, auth)
+        connection = await net.open_connection(self.commander, auth)
+        self.opened.append(connection)
+        return connection
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     info = init_authority(tmp_path / "auth")
+    (tmp_path / "keys").mkdir()
     for name, role in PRINCIPALS.items():
         add_principal(tmp_path / "auth", name, role, tmp_path / "keys" / f"{name}.key")
     async with trio.open_nursery() as nursery:
         authority = await nursery.start(run_authority, tmp_path / "auth", "127.0.0.1:0")
-        partial = Cluster(tmp_path, authority, info.public_key_hex, "", "", nursery)
+        partial = Cluster(tmp_path, authority, info.public_key_hex, "", "", nursery, [])
         partial.db = await nursery.start(dbserver.run_db, partial.options("db"))
         partial.commander = await nursery.start(
             run_commander, partial.options("commander-1", db=partial.db)
         )
         yield partial
+        for connection in partial.opened:
+            await connection.aclose()
         nursery.cancel_scope.cancel()
 
 
