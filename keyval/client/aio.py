@@ -271,12 +271,15 @@ async def aconnect(
     *,
     dialer: Dialer | None = None,
     policy: RetryPolicy | None = None,
+    rng: random.Random | None = None,
 ) -> AsyncIterator[AsyncClient]:
     """`async with aconnect(path) as kv:` — path of a client config, else $KEYVAL_CONFIG.
 
-    `dialer` replaces ticket login (tests use a pre-shared key)."""
+    `dialer` replaces ticket login (tests use a pre-shared key); `rng` drives the backoff
+    jitter (seed it for a reproducible run)."""
     settings = config if isinstance(config, ClientSettings) else load_settings(config)
-    client = client_from_settings(settings, dialer or ticket_dialer(settings), policy=policy)
+    dialer = dialer or ticket_dialer(settings)
+    client = client_from_settings(settings, dialer, policy=policy, rng=rng)
     try:
         await client.router.refresh(client.router.start(), seen=0)  # fail early if unreachable
         yield client
