@@ -13,7 +13,6 @@ from typing import Any
 
 import psycopg
 
-from keyval.db.backend import redact_url
 from keyval.db.sql import SqlBackend
 
 # Connecting includes DNS and authentication; a server slower than this is down for us.
@@ -30,7 +29,7 @@ class PostgresBackend(SqlBackend):
     def __init__(self, url: str) -> None:
         super().__init__()
         self.url = url
-        self.description = redact_url(url)
+        self.description = describe_conninfo(url)
 
     def _connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
@@ -42,3 +41,14 @@ class PostgresBackend(SqlBackend):
 
     def _connection_broken(self, connection: psycopg.Connection[Any]) -> bool:
         return bool(connection.closed or connection.broken)
+
+
+def describe_conninfo(url: str) -> str:
+    """`url` (a URI or key=value conninfo) as user@host:port/db, never with the password."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql (unparsable connection string)"
+    user, host = parts.get("user", ""), parts.get("host", "")
+    port, database = parts.get("port", ""), parts.get("dbname", "")
+    return f"postgresql://{user}@{host}:{port}/{database}"

@@ -1,0 +1,421 @@
+"""The db's request handlers over one backend: fencing, op ids, term, map, grant key.
+
+Every backend call runs in a worker thread behind a capacity limiter of 1 (one connection),
+so the event loop never blocks on SQLite or PostgreSQL. Fence checks and the storage call
+that depends on them run under one FIFO lock (`_order`), so a slot read that raises a fence
+is ordered exactly against the write batches before and after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import trio
+
+from auth.roles import require_role
+from keyval.db.backend import Backend, StorageError
+from keyval.db.committer import CommitterStatistics, GroupCommitter
+from keyval.db.fences import FenceTable
+from keyval.db.records import (
+    DECISIONS,
+    MapRange,
+    MapRecord,
+    OpResult,
+    PreparedOp,
+    StoredWrite,
+)
+from keyval.grants import GRANT_KEY_BYTES, Grant, check_ranges, verify_grant
+from keyval.keys import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, NUM_SLOTS, canonical_slot
+from keyval.messages import (
+    DbBatchResult,
+    DbGrantKey,
+    DbGrantKeyReply,
+    DbLoadMap,
+    DbMap,
+    DbOp,
+    DbReadSlot,
+    DbRegisterTerm,
+    DbSaveMap,
+    DbSlotPage,
+    DbTerm,
+    DbWrite,
+    DbWriteBatch,
+)
+from wire import codec
+from wire.channel import PeerInfo
+from wire.errors import (
+    BadRequest,
+    Fenced,
+    ServiceError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from wire.messages import Message
+
+logger = logging.getLogger("keyval.db")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ROLE_DRONE = "drone"
+ROLE_COMMANDER = "commander"
+
+# Client-chosen operation ids are 16 random bytes: collisions are out of reach (2**-64 after
+# 2**32 ops) and a fixed size keeps the op-result table's index small.
+OP_ID_BYTES = 16
+
+# Ops in one DbWriteBatch, writes in one op, grants in one batch. A drone flushes at most a
+# few hundred ops at a time and a transaction touches tens of keys; the bounds stop one
+# request from claiming a whole transaction's worth of memory and time.
+MAX_OPS_PER_REQUEST = 4096
+MAX_WRITES_PER_OP = 1024
+MAX_GRANTS_PER_REQUEST = 16
+
+# A slot page: at most this many items, and past the first item at most this many bytes of
+# keys and values, so a page always fits the 1 MiB frame (one max value is 512 KiB).
+MAX_SLOT_PAGE_ITEMS = 10_000
+SLOT_PAGE_MAX_BYTES = 768 * 1024
+
+# 2PC transaction ids: random ids of 16 bytes in practice; 64 bounds the decision table rows.
+MAX_TXID_BYTES = 64
+
+# Op results are kept this long (wall clock). A client retries for seconds, a drone's flush
+# queue drains in well under a minute; one hour covers any retry with a wide margin.
+OP_RESULT_RETENTION_MS = 60 * 60 * 1000
+OP_RESULT_PURGE_INTERVAL_S = 60.0
+
+# Group commit defaults, from scripts/bench_db (see docs and the report): closing a batch by
+# time adds latency at low load and gains little when the disk is the bottleneck, because
+# submissions pile up while a commit runs anyway; the count bound keeps a transaction short.
+DEFAULT_BATCH_MAX_OPS = 512
+DEFAULT_BATCH_MAX_DELAY_MS = 1.0
+
+# Submissions waiting for the committer before submitters block (back-pressure to drones).
+MAX_PENDING_SUBMISSIONS = 1024
+
+# What a caller is told to wait after a storage failure before retrying.
+STORAGE_RETRY_AFTER_MS = 200
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class _GrantSet:
+    """The grants one DbWriteBatch carried, split into those that verified and those not."""
+
+    valid: tuple[Grant, ...]
+    refused: tuple[tuple[Grant, Unauthorized], ...]
+
+    def grant_for(self, slot: int) -> Grant:
+        """The newest verified grant covering `slot`; Unauthorized/Fenced when there is none."""
+        covering = [g for g in self.valid if g.epoch_of(slot) is not None]
+        if covering:
+            return max(covering, key=lambda g: (g.term, g.epoch_of(slot) or 0))
+        for grant, error in self.refused:
+            if grant.epoch_of(slot) is not None:
+                raise error
+        raise Fenced(f"no grant in the batch covers slot {slot}", detail={"slot": slot})
+
+
+@dataclass(frozen=True)
+class _PendingOp:
+    """A validated op waiting for the committer: fence checks happen at commit time."""
+
+    grants: _GrantSet
+    op: PreparedOp
+
+
+class Database:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        batch_max_ops: int = DEFAULT_BATCH_MAX_OPS,
+        batch_max_delay_ms: float = DEFAULT_BATCH_MAX_DELAY_MS,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.backend = backend
+        self._clock_ms = clock_ms
+        self._limiter = trio.CapacityLimiter(1)  # one backend connection: one call at a time
+        self._order = trio.Lock()
+        self._committer: GroupCommitter[_PendingOp, OpResult] = GroupCommitter(
+            self._commit,
+            max_items=batch_max_ops,
+            max_delay_ms=batch_max_delay_ms,
+            max_pending=MAX_PENDING_SUBMISSIONS,
+        )
+        self._grant_key = b""
+        self._fences = FenceTable()
+        self._routes: dict[type[Message], tuple[str, Callable[[PeerInfo, Any], Awaitable[Message]]]]
+        self._routes = {
+            DbWriteBatch: (ROLE_DRONE, self._write_batch),
+            DbReadSlot: (ROLE_DRONE, self._read_slot),
+            DbRegisterTerm: (ROLE_COMMANDER, self._register_term),
+            DbSaveMap: (ROLE_COMMANDER, self._save_map),
+            DbLoadMap: (ROLE_COMMANDER, self._load_map),
+            DbGrantKey: (ROLE_COMMANDER, self._grant_key_reply),
+        }
+
+    # ------------------------------------------------------------ life cycle
+
+    async def _call(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await trio.to_thread.run_sync(
+            lambda: function(*args, **kwargs), limiter=self._limiter
+        )
+
+    async def open(self) -> None:
+        """Connect, create the schema, create or load the grant key, load the fences.
+        Raises StorageError."""
+        await self._call(self.backend.open)
+        key = await self._call(self.backend.ensure_grant_key, secrets.token_bytes(GRANT_KEY_BYTES))
+        if len(key) != GRANT_KEY_BYTES:
+            raise StorageError(f"stored grant key has {len(key)} bytes, not {GRANT_KEY_BYTES}")
+        self._grant_key = key
+        self._fences = FenceTable(await self._call(self.backend.load_fences))
+
+    async def aclose(self) -> None:
+        await self._call(self.backend.close)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The committer and the op-result expiry, until cancelled. Call `open` first."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._committer.run)
+            nursery.start_soon(self._purge_op_results_forever)
+            task_status.started()
+
+    async def _purge_op_results_forever(self) -> None:
+        while True:
+            await trio.sleep(OP_RESULT_PURGE_INTERVAL_S)
+            cutoff_ms = self._clock_ms() - OP_RESULT_RETENTION_MS
+            try:
+                purged = await self._call(self.backend.purge_op_results, cutoff_ms)
+            except StorageError as error:
+                logger.warning("op result expiry failed (retrying later): %s", error)
+                continue
+            if purged:
+                logger.info("forgot %d op results older than one retention period", purged)
+
+    def statistics(self) -> CommitterStatistics:
+        return self._committer.statistics()
+
+    # ------------------------------------------------------------ dispatch
+
+    async def handle(self, peer: PeerInfo, request: Message) -> Message:
+        route = self._routes.get(type(request))
+        if route is None:
+            raise BadRequest(f"the db does not serve {request.TYPE!r}")
+        role, handler = route
+        require_role(peer, role, action=request.TYPE)
+        return await handler(peer, request)
+
+    # ------------------------------------------------------------ writes
+
+    async def _write_batch(self, peer: PeerInfo, request: DbWriteBatch) -> DbBatchResult:
+        if len(request.ops) > MAX_OPS_PER_REQUEST:
+            raise TooLarge(f"{len(request.ops)} ops in one batch, limit {MAX_OPS_PER_REQUEST}")
+        if len(request.grants) > MAX_GRANTS_PER_REQUEST:
+            raise TooLarge(f"{len(request.grants)} grants, limit {MAX_GRANTS_PER_REQUEST}")
+        grants = self._verify_grants(request.grants, peer.name)
+        results: list[OpResult | None] = []
+        pending: list[_PendingOp] = []
+        for op in request.ops:
+            try:
+                pending.append(_PendingOp(grants, prepare_op(op)))
+                results.append(None)
+            except ServiceError as error:
+                results.append(error_result(error))
+        committed = iter(await self._committer.submit(pending) if pending else [])
+        return DbBatchResult([next(committed) if r is None else r for r in results])
+
+    def _verify_grants(self, grants: Sequence[Grant], drone: str) -> _GrantSet:
+        valid: list[Grant] = []
+        refused: list[tuple[Grant, Unauthorized]] = []
+        for grant in grants:
+            try:
+                verify_grant(grant, self._grant_key, drone=drone)
+                valid.append(grant)
+            except Unauthorized as error:
+                refused.append((grant, error))
+        return _GrantSet(tuple(valid), tuple(refused))
+
+    async def _commit(self, pending: list[_PendingOp]) -> list[OpResult]:
+        """One group-commit batch: fence every op, then store the admitted ones together."""
+        async with self._order:
+            results: list[OpResult | None] = []
+            admitted: list[PreparedOp] = []
+            for item in pending:
+                try:
+                    for write in item.op.writes:
+                        self._fences.admit(item.grants.grant_for(write.slot), write.slot)
+                    admitted.append(item.op)
+                    results.append(None)
+                except ServiceError as error:
+                    results.append(error_result(error))
+            stored = await self._store(admitted)
+        return [next(stored) if r is None else r for r in results]
+
+    async def _store(self, admitted: list[PreparedOp]) -> Iterator[OpResult]:
+        fences = self._fences.take_pending()
+        if not admitted and not fences:
+            return iter([])
+        try:
+            committed = await self._call(
+                self.backend.commit_batch, admitted, fences, self._clock_ms()
+            )
+        except StorageError as error:
+            self._fences.return_pending(fences)
+            logger.warning("batch of %d ops not stored: %s", len(admitted), error)
+            failure = error_result(storage_unavailable(error))
+            return iter([failure] * len(admitted))
+        return iter(committed)
+
+    # ------------------------------------------------------------ reads
+
+    async def _read_slot(self, peer: PeerInfo, request: DbReadSlot) -> DbSlotPage:
+        if not 0 <= request.slot < NUM_SLOTS:
+            raise BadRequest(f"slot {request.slot} outside 0..{NUM_SLOTS - 1}")
+        if not 1 <= request.limit <= MAX_SLOT_PAGE_ITEMS:
+            raise BadRequest(f"limit {request.limit} outside 1..{MAX_SLOT_PAGE_ITEMS}")
+        if request.after is not None and len(request.after) > DEFAULT_MAX_KEY_BYTES:
+            raise BadRequest("'after' is longer than any key")
+        verify_grant(request.grant, self._grant_key, drone=peer.name)
+        async with self._order:
+            self._fences.admit(request.grant, request.slot)
+            fences = self._fences.take_pending()
+            try:
+                if fences:  # the raised fence is stored before the data leaves
+                    await self._call(self.backend.save_fences, fences)
+                items, done = await self._call(
+                    self.backend.read_slot,
+                    request.slot,
+                    request.after,
+                    request.limit,
+                    SLOT_PAGE_MAX_BYTES,
+                )
+            except StorageError as error:
+                self._fences.return_pending(fences)
+                raise storage_unavailable(error) from None
+        decoded = [(item.key, codec.decode(item.value), item.version) for item in items]
+        return DbSlotPage(decoded, done)
+
+    # ------------------------------------------------------------ commander
+
+    async def _register_term(self, peer: PeerInfo, request: DbRegisterTerm) -> DbTerm:
+        if request.term < 1:
+            raise BadRequest(f"term must be positive, not {request.term}")
+        if request.commander != peer.name:
+            raise Unauthorized(
+                f"{peer.name!r} may register a term only for itself, not {request.commander!r}"
+            )
+        try:
+            stored = await self._call(self.backend.register_term, peer.name, request.term)
+        except StorageError as error:
+            raise storage_unavailable(error) from None
+        if (stored.term, stored.commander) != (request.term, peer.name):
+            raise Fenced(
+                f"term {request.term} refused: the current term is {stored.term} "
+                f"({stored.commander or 'none'})",
+                detail={"term": stored.term, "commander": stored.commander},
+            )
+        return DbTerm(stored.term, stored.commander)
+
+    async def _save_map(self, peer: PeerInfo, request: DbSaveMap) -> DbMap:
+        ranges = check_map_ranges(request.ranges)
+        if request.version < 1:
+            raise BadRequest(f"map version must be positive, not {request.version}")
+        record = MapRecord(request.term, request.version, ranges)
+        async with self._order:
+            raised = self._fences.for_map(request.term, ranges)
+            try:
+                outcome = await self._call(self.backend.save_map, peer.name, record, raised)
+            except StorageError as error:
+                raise storage_unavailable(error) from None
+            if outcome.saved:
+                self._fences.apply(raised)
+        if not outcome.saved:
+            current = outcome.current_term
+            raise Fenced(
+                f"map version {request.version} of term {request.term} by {peer.name!r} "
+                f"refused: the current term is {current.term} ({current.commander or 'none'}), "
+                f"stored map version {outcome.stored_version}",
+                detail={
+                    "term": current.term,
+                    "commander": current.commander,
+                    "version": outcome.stored_version,
+                },
+            )
+        return DbMap(record.term, record.version, list(record.ranges))
+
+    async def _load_map(self, peer: PeerInfo, request: DbLoadMap) -> DbMap:
+        try:
+            record = await self._call(self.backend.load_map)
+        except StorageError as error:
+            raise storage_unavailable(error) from None
+        if record is None:
+            return DbMap(0, 0, [])
+        return DbMap(record.term, record.version, list(record.ranges))
+
+    async def _grant_key_reply(self, peer: PeerInfo, request: DbGrantKey) -> DbGrantKeyReply:
+        logger.info("handing the grant key to commander %r", peer.name)
+        return DbGrantKeyReply(self._grant_key)
+
+    # ------------------------------------------------------------ 2PC decisions
+
+    async def decide(self, txid: bytes, decision: str) -> str:
+        """Record `decision` for `txid` unless one exists; return the decision that stands."""
+        if not 1 <= len(txid) <= MAX_TXID_BYTES:
+            raise BadRequest(f"txid must be 1..{MAX_TXID_BYTES} bytes")
+        if decision not in DECISIONS:
+            raise BadRequest(f"decision must be one of {', '.join(DECISIONS)}")
+        try:
+            return await self._call(self.backend.decide, txid, decision, self._clock_ms())
+        except StorageError as error:
+            raise storage_unavailable(error) from None
+
+
+def prepare_op(op: DbOp) -> PreparedOp:
+    """Validate one op's shape and encode its values; BadRequest/TooLarge on bad input."""
+    if len(op.op_id) != OP_ID_BYTES:
+        raise BadRequest(f"op_id must be {OP_ID_BYTES} bytes, not {len(op.op_id)}")
+    if len(op.writes) > MAX_WRITES_PER_OP:
+        raise TooLarge(f"{len(op.writes)} writes in one op, limit {MAX_WRITES_PER_OP}")
+    writes = tuple(prepare_write(write) for write in op.writes)
+    return PreparedOp(op.op_id, writes, tuple(write.version for write in writes))
+
+
+def prepare_write(write: DbWrite) -> StoredWrite:
+    if len(write.key) > DEFAULT_MAX_KEY_BYTES:
+        raise TooLarge(f"key of {len(write.key)} bytes, limit {DEFAULT_MAX_KEY_BYTES}")
+    if write.slot != canonical_slot(write.key):
+        raise BadRequest(f"key {write.key!r} does not hash to slot {write.slot}")
+    if write.version < (0 if write.deleted else 1):
+        raise BadRequest(f"bad version {write.version} for key {write.key!r}")
+    value = b"" if write.deleted else codec.encode(write.value)
+    if len(value) > DEFAULT_MAX_VALUE_BYTES:
+        raise TooLarge(f"value of {len(value)} bytes, limit {DEFAULT_MAX_VALUE_BYTES}")
+    return StoredWrite(write.slot, write.key, value, write.deleted, write.version)
+
+
+def check_map_ranges(ranges: Sequence[MapRange]) -> tuple[MapRange, ...]:
+    """BadRequest unless ranges are sorted, disjoint, inside the slots, with drone names."""
+    check_ranges(tuple((first, last, epoch) for first, last, _drone, epoch in ranges))
+    for first, last, drone, _epoch in ranges:
+        if not drone:
+            raise BadRequest(f"slot range {first}..{last} names no drone")
+    return tuple(ranges)
+
+
+def error_result(error: ServiceError) -> OpResult:
+    return (str(error.code), error.message)
+
+
+def storage_unavailable(error: StorageError) -> Unavailable:
+    return Unavailable(str(error), detail={"retry_after_ms": STORAGE_RETRY_AFTER_MS})
