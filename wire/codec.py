@@ -77,7 +77,7 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
             stream,
             tag_hook=_refuse_tag,
             semantic_decoders=_REFUSE_SEMANTIC_TAGS,
-            max_depth=max_depth + 1,
+            max_depth=max_depth,  # cbor2 allows exactly this many nested containers
             allow_indefinite=False,
             allow_duplicate_keys=False,
         ).decode()
@@ -94,13 +94,29 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         raise DecodeError(f"malformed CBOR: {error}") from None
     if stream.tell() != len(data):
         raise DecodeError(f"{len(data) - stream.tell()} bytes follow the CBOR item")
-    if type(obj) in _SCALARS:  # the common fast path: nothing to walk
-        return obj
-    try:
-        check_value(obj, max_depth=max_depth)
-    except LocalProtocolError as error:
-        raise DecodeError(error.message) from None
+    if type(obj) not in _SCALARS:  # the common fast path: nothing to walk
+        _check_decoded(obj)
     return obj
+
+
+def _check_decoded(obj: Any) -> None:
+    """What is left to refuse once cbor2 has bounded the depth and refused every tag: undefined,
+    simple values, and arrays or maps used as map keys. Recursion is safe: cbor2 refused
+    anything nested deeper than `max_depth`. This is decode()'s hot path, hence not
+    `check_value` (which must also guard values built in Python, of any depth)."""
+    kind = type(obj)
+    if kind is list:
+        for item in obj:
+            if type(item) not in _SCALARS:
+                _check_decoded(item)
+    elif kind is dict:
+        for key, item in obj.items():
+            if type(key) not in _KEY_TYPES:
+                raise DecodeError(f"map key of type {type(key).__name__} not allowed")
+            if type(item) not in _SCALARS:
+                _check_decoded(item)
+    else:
+        raise DecodeError(f"values of type {kind.__name__} are not allowed")
 
 
 def check_value(obj: Any, *, max_depth: int = MAX_DEPTH) -> None:
