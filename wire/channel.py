@@ -74,8 +74,7 @@ RECORD_CLOSE = 0x02
 # Bytes a sealed frame adds around an application payload: kind, record type, tag.
 SEALED_OVERHEAD_BYTES = 1 + 1 + TAG_BYTES
 
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_COUNTER = struct.Struct(">Q")
+_NONCE = struct.Struct(">4xQ")  # 4 zero bytes, then the 64-bit big-endian frame counter
 _SEALED_KIND = bytes([KIND_SEALED])
 _PLAIN_KIND = bytes([KIND_PLAIN])
 _DATA_RECORD = bytes([RECORD_DATA])
@@ -181,7 +180,7 @@ class DirectionalCipher:
     def _next_nonce(self) -> bytes | None:
         if self.counter >= MAX_FRAMES_PER_DIRECTION:
             return None
-        nonce = _NONCE_PREFIX + _COUNTER.pack(self.counter)
+        nonce = _NONCE.pack(self.counter)
         self.counter += 1
         return nonce
 
