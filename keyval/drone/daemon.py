@@ -126,30 +126,28 @@ class Drone:
     async def run(
         self, listen: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.state.batcher.run)
-                serve = partial(
-                    net.serve,
-                    listen,
-                    self.security.server_auth,
-                    DroneHandler(self.state),
-                    revoked=self.security.revoked,
-                )
-                self.address = await nursery.start(serve)
-                self.heartbeater = Heartbeater(
-                    self.state,
-                    self.reseeder,
-                    self.settings.commanders,
-                    self.security.dial,
-                    self.address,
-                )
-                nursery.start_soon(self.heartbeater.run, nursery)
-                log.info("drone %s serving on %s", self.state.name, self.address)
-                task_status.started(self.address)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.db.aclose()
+        """Serve on `listen` (TCP) and run the background tasks until cancelled."""
+        handler = DroneHandler(self.state)
+        serve = partial(
+            net.serve, listen, self.security.server_auth, handler, revoked=self.security.revoked
+        )
+        async with trio.open_nursery() as nursery:
+            address: str = await nursery.start(serve)
+            await self.start_background(nursery, address)
+            log.info("drone %s serving on %s", self.state.name, address)
+            task_status.started(address)
+
+    async def start_background(self, nursery: trio.Nursery, address: str) -> None:
+        """Start the batch loop and the heartbeats; `address` is what clients are told."""
+        self.address = address
+        await nursery.start(self.state.batcher.run)
+        self.heartbeater = Heartbeater(
+            self.state, self.reseeder, self.settings.commanders, self.security.dial, address
+        )
+        nursery.start_soon(self.heartbeater.run, nursery)
+
+    async def aclose(self) -> None:
+        await self.db.aclose()
 
 
 async def run_drone(
