@@ -280,3 +280,31 @@ class MapChange(Message):
     """The map version that carries the requested change (saved, or about to be)."""
 
     version: int
+
+
+# ---------------------------------------------------------------- admin -> commander: status
+
+
+@message("cmd.status")
+class StatusRequest(Message):
+    """What the commander knows of the cluster's health (keyval admin status). Read-only."""
+
+
+@message("cmd.drone_status")
+class DroneStatus(Message):
+    name: str
+    address: str
+    incarnation: int
+    last_heartbeat_ms_ago: int  # since the commander received this drone's last heartbeat
+    draining: bool
+    slots: int  # slots the saved map gives this drone
+    load: dict[str, Any]  # the drone's last heartbeat load: keys, bytes, ops_per_s, ...
+
+
+@message("cmd.status_reply")
+class ClusterStatus(Message):
+    term: int
+    leader: str  # the answering commander's name (it leads: only the leader answers)
+    phase: str  # "waiting" | "resuming" | "running" (keyval.commander.state.Phase values)
+    map_version: int  # the saved map's version
+    drones: list[DroneStatus]  # every registered drone, live or draining, by name
