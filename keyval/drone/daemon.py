@@ -131,11 +131,15 @@ class Drone:
         serve = partial(
             net.serve, listen, self.security.server_auth, handler, revoked=self.security.revoked
         )
-        async with trio.open_nursery() as nursery:
-            address: str = await nursery.start(serve)
-            await self.start_background(nursery, address)
-            log.info("drone %s serving on %s", self.state.name, address)
-            task_status.started(address)
+        try:
+            async with trio.open_nursery() as nursery:
+                address: str = await nursery.start(serve)
+                await self.start_background(nursery, address)
+                log.info("drone %s serving on %s", self.state.name, address)
+                task_status.started(address)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
 
     async def start_background(self, nursery: trio.Nursery, address: str) -> None:
         """Start the batch loop and the heartbeats; `address` is what clients are told."""

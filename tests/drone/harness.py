@@ -17,7 +17,7 @@ from keyval import net
 from keyval.client.config import Endpoint
 from keyval.drone.daemon import Drone, DroneSettings, Security
 from keyval.drone.handlers import DroneHandler
-from keyval.drone.links import Link
+from keyval.drone.links import Dialer, Link
 from keyval.drone.state import Limits
 from keyval.grants import Grant, sign_grant
 from keyval.messages import (
@@ -67,7 +67,7 @@ class MemoryNet:
     def add(self, address: str, name: str, handler: Handler) -> None:
         self.servers[address] = (name, handler)
 
-    def dialer(self, principal: str) -> Callable[..., Awaitable[Link]]:
+    def dialer(self, principal: str) -> Dialer:
         async def dial(address: str, service: str, *, timeout: float) -> Link:
             if address in self.down or address not in self.servers:
                 raise Unavailable(f"no route to {address}")

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from keyval.drone.state import Limits
-from keyval.keys import canonical_key, key_slot
+from keyval.keys import Key, canonical_key, key_slot
 from keyval.messages import (
     ACK_MEMORY,
     Committed,
@@ -170,7 +170,7 @@ async def test_write_skew_is_prevented(cluster: Cluster) -> None:
     one = await call(cluster, Put(key="{a}alice", value=True, op_id=op()))
     two = await call(cluster, Put(key="{a}bob", value=True, op_id=op()))
     assert isinstance(one, Written) and isinstance(two, Written)
-    reads = [("{a}alice", one.version), ("{a}bob", two.version)]
+    reads: list[tuple[Key, int]] = [("{a}alice", one.version), ("{a}bob", two.version)]
     outcomes: list[str] = []
 
     async def off_call(name: str) -> None:
@@ -319,3 +319,12 @@ async def test_reseed_loads_a_newly_granted_slot_and_dropped_slot_moves(cluster:
     with pytest.raises(Moved):
         await call(cluster, Get(key="{b}k"))
     assert not cluster.drone.state.store.has_slot(SLOT_B)
+
+
+async def test_unknown_incarnation_makes_the_drone_register_again(cluster: Cluster) -> None:
+    heartbeater = cluster.drone.heartbeater
+    assert heartbeater is not None and heartbeater.incarnation == 1
+    cluster.commander.incarnation = 2  # as if the commander restarted
+    await trio.sleep(0.5)
+    assert heartbeater.incarnation == 2
+    assert isinstance(await call(cluster, Get(key="{a}k")), ValueReply)
