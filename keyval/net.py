@@ -422,6 +422,8 @@ class _ServerConnection:
             try:
                 return await self._read_requests(nursery)
             except WireError as error:
+                if self.link.broken is None:  # tell the peer why, in a sealed close
+                    self.link.queue(self.link.channel.close(error.message, error.code.value))
                 await self.link.farewell()
                 return f"{type(error).__name__}: {error.message}"
             finally:

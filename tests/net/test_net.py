@@ -19,6 +19,7 @@ from wire import codec
 from wire.channel import (
     NEED_DATA,
     ClientChannel,
+    Closed,
     HandshakeDone,
     PeerInfo,
     PskClientAuth,
@@ -377,3 +378,25 @@ async def test_connect_to_closed_port_is_unavailable() -> None:
     await listener.aclose()
     with pytest.raises(Unavailable, match="cannot connect"):
         await open_connection(f"127.0.0.1:{port}", client_auth(), timeout=5)
+
+
+async def test_unreadable_envelope_closes_with_a_protocol_reason(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_stream, server_stream, server_auth(), App())
+        channel = ClientChannel(client_auth())
+        done = False
+        while not done:
+            event = channel.next_event()
+            await client_stream.send_all(channel.data_to_send())
+            if event is NEED_DATA:
+                channel.receive_data(await client_stream.receive_some())
+            done = isinstance(event, HandshakeDone)
+        await client_stream.send_all(channel.send(b"\xff not cbor"))
+        while (event := channel.next_event()) is NEED_DATA:
+            channel.receive_data(await client_stream.receive_some())
+        assert isinstance(event, Closed)
+        assert event.code == "BAD_REQUEST" and "malformed CBOR" in event.reason
+        await client_stream.aclose()
