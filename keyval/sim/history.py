@@ -77,8 +77,19 @@ def _check_value(value: object, what: str) -> None:
         check_value(value)
     except LocalProtocolError as error:
         raise HistoryError(f"{what}: {error.message}") from None
-    if isinstance(value, float) and not math.isfinite(value):
+    if not _all_finite(value):
         raise HistoryError(f"{what}: non-finite floats cannot be compared or stored in JSON")
+
+
+def _all_finite(value: object) -> bool:
+    """No NaN or infinity anywhere inside (check_value has bounded the depth)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_all_finite(item) for item in value)
+    if isinstance(value, dict):
+        return all(_all_finite(k) and _all_finite(v) for k, v in value.items())
+    return True
 
 
 def _check_key(key: object, what: str) -> None:
