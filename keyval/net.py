@@ -222,6 +222,7 @@ class Connection:
         self._pending: dict[int, _Pending] = {}
         self._next_rid = 1
         self._reader_active = False
+        self._read_scope: trio.CancelScope | None = None
         self._closed = False
 
     @classmethod
@@ -282,7 +283,11 @@ class Connection:
         try:
             with trio.move_on_after(timeout) as scope:
                 self._link.queue(self._link.channel.send(payload))
-                await self._link.flush()
+                try:
+                    await self._link.flush()
+                except Unavailable as error:
+                    self._fail_all(error)
+                    raise
                 await self._wait_reply(slot)
         finally:
             del self._pending[rid]
@@ -334,9 +339,12 @@ class Connection:
                 else:
                     raise RemoteProtocolError(f"unexpected {type(event).__name__}")
             if not slot.done:
-                await self._link.receive()
+                with trio.CancelScope() as self._read_scope:  # _fail_all may cut it short
+                    await self._link.receive()
+                self._read_scope = None
         except WireError as error:
             if not isinstance(error, Unavailable):
+                self._link.queue(self._link.channel.close(error.message, error.code.value))
                 await self._link.farewell()
             self._fail_all(self._link.fail(f"connection failed: {error.message}"))
 
@@ -351,6 +359,8 @@ class Connection:
         # else: the reply to a request that timed out; nobody waits for it.
 
     def _fail_all(self, error: Unavailable) -> None:
+        if self._read_scope is not None:
+            self._read_scope.cancel()  # the reader waits on a connection that is gone
         for slot in self._pending.values():
             if not slot.done:
                 slot.error = Unavailable(error.message)

@@ -400,3 +400,54 @@ async def test_unreadable_envelope_closes_with_a_protocol_reason(
         assert isinstance(event, Closed)
         assert event.code == "BAD_REQUEST" and "malformed CBOR" in event.reason
         await client_stream.aclose()
+
+
+class FlakyStream(trio.abc.Stream):
+    """A real stream whose writes can be made to fail, as a dead socket's do."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.fail_writes = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.fail_writes:
+            raise trio.BrokenResourceError("connection reset")
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_failed_write_fails_the_reader_and_every_waiter_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    flaky = FlakyStream(client_stream)
+    app = App()
+    failures: list[Unavailable] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_stream, server_stream, server_auth(), app)
+        conn = await Connection.from_stream(flaky, client_auth())
+
+        async def waiter() -> None:
+            try:
+                await conn.request(Block())
+            except Unavailable as error:
+                failures.append(error)
+
+        with trio.fail_after(5):  # well before the 30 s request deadline
+            async with trio.open_nursery() as waiters:
+                for _ in range(5):
+                    waiters.start_soon(waiter)
+                await trio.sleep(1)
+                flaky.fail_writes = True
+                with pytest.raises(Unavailable, match="connection reset"):
+                    await conn.request(Ping())
+        assert len(failures) == 5
+        await conn.aclose()
