@@ -26,9 +26,9 @@ def settings_for(cluster: FakeCluster, *, deadline_s: float = 10.0) -> ClientSet
 
 
 @pytest.fixture
-async def kv(
-    cluster: FakeCluster, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
-) -> AsyncIterator[AsyncClient]:
+async def kv(cluster: FakeCluster, nursery: trio.Nursery) -> AsyncIterator[AsyncClient]:
+    # A test that needs virtual time asks for `autojump_clock` itself: pytest-trio only
+    # installs a clock the test function requests directly.
     settings = settings_for(cluster)
     dialer = MemoryDialer(cluster, nursery)
     async with aconnect(settings, dialer=dialer, rng=random.Random(7)) as client:

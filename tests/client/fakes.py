@@ -18,8 +18,8 @@ from keyval import net
 from keyval.client.links import Link
 from keyval.keys import NUM_SLOTS, canonical_key, key_slot
 from keyval.messages import (
-    CompareAndSet,
     Committed,
+    CompareAndSet,
     Delete,
     Get,
     GetMany,
