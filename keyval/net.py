@@ -460,7 +460,10 @@ class _ServerConnection:
                 self.link.queue(self.link.channel.close(refusal, ErrorCode.UNAUTHORIZED.value))
                 await self.link.flush()
                 return refusal
-            await self.inflight.acquire()  # back-pressure: read no more until a slot frees
+            try:  # no checkpoint when a slot is free, so a burst of requests starts together
+                self.inflight.acquire_nowait()
+            except trio.WouldBlock:
+                await self.inflight.acquire()  # back-pressure: read no more until a slot frees
             nursery.start_soon(self._handle, rid, msg, nursery)
 
     def _decode(self, data: bytes) -> tuple[int, Message] | None:
