@@ -1,20 +1,29 @@
-"""Wiring for drone tests: a memory network, a fake commander, and a drone on both.
+"""Wiring for drone tests: the real db service, a fake commander, and a drone, on a memory net.
 
 Everything runs in one trio process over `trio.testing.memory_stream_pair` streams with the
-real keyval.net connection code and pre-shared-key channel auth, so tests can use the
-autojump clock (no sockets whose waits would let virtual time run ahead).
+real keyval.net connection code and pre-shared-key channel auth (tickets need a running
+authority; the PSK stand-in is what datapath-shared.md allows). The db is keyval.db.service.
+Database (the handler keyval.dbserver.run_db serves) on SQLite in the test's tmp_path.
+
+Time: the db runs SQLite in a worker thread. trio's MockClock with autojump_threshold=0 would
+jump virtual time while that thread works (the run loop looks idle) and fire request
+deadlines spuriously, so tests use MockClock with a small positive threshold (AUTOJUMP_S):
+virtual time still skips every idle wait, but only after that much real idleness.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import trio
 import trio.testing
 
 from keyval import net
 from keyval.client.config import Endpoint
+from keyval.db.service import Database
+from keyval.db.sqlite import SqliteBackend
 from keyval.drone.daemon import Drone, DroneSettings, Security
 from keyval.drone.handlers import DroneHandler
 from keyval.drone.links import Dialer, Link
@@ -23,6 +32,8 @@ from keyval.grants import Grant, sign_grant
 from keyval.messages import (
     DbGrantKey,
     DbGrantKeyReply,
+    DbReadSlot,
+    DbSlotPage,
     GetMap,
     Heartbeat,
     HeartbeatReply,
@@ -30,7 +41,6 @@ from keyval.messages import (
     Registered,
     SlotMap,
 )
-from tests.drone.fakedb import FakeDb
 from wire.channel import PeerInfo, PskClientAuth, PskServerAuth, ServerAuth
 from wire.errors import BadRequest, NotFound, Unavailable
 from wire.messages import Message
@@ -47,6 +57,9 @@ ROLES = {
 DB_ADDRESS = "db.test:1"
 COMMANDER_ADDRESS = "commander.test:1"
 DRONE_ADDRESS = "drone.test:1"
+
+# Real idle time before the mock clock jumps: longer than any SQLite call in the db's thread.
+AUTOJUMP_S = 0.05
 
 Handler = Callable[[PeerInfo, Message], Awaitable[Message]]
 
@@ -123,16 +136,18 @@ class FakeCommander:
 
 
 class Cluster:
-    def __init__(self, nursery: trio.Nursery, limits: Limits | None = None) -> None:
+    def __init__(self, nursery: trio.Nursery, data: Path, limits: Limits | None = None) -> None:
         self.net = MemoryNet(nursery)
-        self.db = FakeDb()
-        self.net.add(DB_ADDRESS, "db", self.db)
+        self.db = Database(SqliteBackend(data / "keyval.sqlite3"))
+        self.net.add(DB_ADDRESS, "db", self.db.handle)
         self.nursery = nursery
         self.limits = limits or Limits()
         self.commander: FakeCommander
         self.drone: Drone
 
     async def start(self) -> None:
+        await self.db.open()
+        await self.nursery.start(self.db.run)
         # The commander fetches the grant key from the db, as role commander.
         connection = await self.net.dialer("commander-1")(DB_ADDRESS, "db", timeout=5)
         reply = await connection.request(DbGrantKey(), timeout=5)
@@ -163,3 +178,20 @@ class Cluster:
                 if all((s, e) in slots_ready for f, last, e in wanted for s in range(f, last + 1)):
                     return
                 await trio.sleep(0.05)
+
+    async def db_request(self, principal: str, msg: Message) -> Message:
+        connection = await self.net.dialer(principal)(DB_ADDRESS, "db", timeout=5)
+        try:
+            return await connection.request(msg, timeout=5)
+        finally:
+            await connection.aclose()
+
+    def grant_for(self, drone: str, *ranges: tuple[int, int, int]) -> Grant:
+        return sign_grant(Grant(drone, 1, tuple(ranges), 0), self.commander.grant_key)
+
+    async def db_rows(self, slot: int) -> dict[bytes, tuple[object, int]]:
+        """What the db holds for `slot` (read as another drone would after a move)."""
+        grant = self.grant_for("drone-1", *self.commander.ranges)
+        reply = await self.db_request("drone-1", DbReadSlot(grant=grant, slot=slot))
+        assert isinstance(reply, DbSlotPage) and reply.done
+        return {key: (value, version) for key, value, version in reply.items}

@@ -2,72 +2,88 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import trio
 
+from auth.bootstrap import add_principal, init_authority
+from auth.client import Credentials
+from auth.daemon import run_authority
+from auth.service import ServiceIdentity
 from keyval import net
+from keyval.dbserver import run_db
 from keyval.drone.cli import register
-from keyval.drone.daemon import Security, run_drone, settings_from_options
+from keyval.drone.daemon import run_drone, settings_from_options
 from keyval.keys import key_slot
 from keyval.messages import DbGrantKey, DbGrantKeyReply, Get, Put, ValueReply, Written
 from keyval.nodeconfig import ConfigError, NodeOptions
-from tests.drone.fakedb import FakeDb
-from tests.drone.harness import PSK, ROLES, FakeCommander, server_auth
-from wire.channel import PskClientAuth
+from tests.drone.harness import FakeCommander
 from wire.errors import Moved, Unavailable
 
 
-def options(tmp_path: Path, **extra: object) -> NodeOptions:
+def options(tmp_path: Path, name: str = "drone-1", **extra: object) -> NodeOptions:
     return NodeOptions(
-        name="drone-1",
-        key=tmp_path / "drone-1.key",
+        name=name,
+        key=tmp_path / f"{name}.key",
         authority="127.0.0.1:1",
         authority_key="00" * 32,
         listen="127.0.0.1:0",
-        ready_file=tmp_path / "ready",
+        ready_file=tmp_path / f"{name}.ready",
+        data=tmp_path / name,
         extra=dict(extra),
     )
 
 
-async def psk_dial(address: str, service: str, *, timeout: float) -> net.Connection:
-    return await net.open_connection(
-        address, PskClientAuth("drone-1", "drone", PSK), timeout=timeout
+async def test_drone_serves_over_tcp_with_tickets(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Authority, db daemon, a commander (fake, with a real service identity), the drone
+    daemon and a client: every connection authenticated with tickets over loopback TCP."""
+    authority_dir = tmp_path / "authority"
+    info = init_authority(authority_dir)
+    for name, role in [
+        ("db", "db"),
+        ("commander-1", "commander"),
+        ("drone-1", "drone"),
+        ("client", "client"),
+    ]:
+        add_principal(authority_dir, name, role, tmp_path / f"{name}.key")
+    authority = await nursery.start(run_authority, authority_dir, "127.0.0.1:0")
+
+    def identity(name: str, **extra: object) -> NodeOptions:
+        base = options(tmp_path, name, **extra)
+        return dataclasses.replace(base, authority=authority, authority_key=info.public_key_hex)
+
+    db_address = await nursery.start(run_db, identity("db"))
+    commander_credentials = Credentials(
+        "commander-1", tmp_path / "commander-1.key", authority, info.public_key_hex
     )
-
-
-async def test_drone_serves_over_tcp(nursery: trio.Nursery, tmp_path: Path) -> None:
-    db = FakeDb()
-    db_address = await nursery.start(net.serve, "127.0.0.1:0", lambda: server_auth("db"), db)
-    async with await net.open_connection(
-        db_address, PskClientAuth("commander-1", "commander", PSK)
-    ) as connection:
+    db_auth = await commander_credentials.client_auth("db")
+    async with await net.open_connection(db_address, db_auth) as connection:
         reply = await connection.request(DbGrantKey(), timeout=5)
     assert isinstance(reply, DbGrantKeyReply)
     commander = FakeCommander(reply.key)
     slot = key_slot("{t}")
     commander.give((slot, slot, 1))
+    commander_identity = ServiceIdentity(commander_credentials)
+    await commander_identity.start(nursery)
     commander_address = await nursery.start(
-        net.serve, "127.0.0.1:0", lambda: server_auth("commander-1"), commander
+        net.serve, "127.0.0.1:0", commander_identity.server_auth, commander
     )
-    security = Security(psk_dial, lambda: server_auth("drone-1"))
-    drone_options = options(tmp_path, db=db_address, commander=[commander_address])
-    address = await nursery.start(
-        lambda task_status: run_drone(drone_options, task_status=task_status, security=security)
-    )
-    assert (tmp_path / "ready").read_text().strip() == address
-    client = PskClientAuth("client", ROLES["client"], PSK)
-    async with await net.open_connection(address, client) as connection:
-        with trio.fail_after(5):
+    drone_options = identity("drone-1", db=db_address, commander=[commander_address])
+    address = await nursery.start(run_drone, drone_options)
+    assert (tmp_path / "drone-1.ready").read_text().strip() == address
+    client = Credentials("client", tmp_path / "client.key", authority, info.public_key_hex)
+    async with await net.open_connection(address, await client.client_auth("drone-1")) as link:
+        with trio.fail_after(10):
             while True:  # until the first heartbeat's grant is loaded
                 try:
-                    written = await connection.request(Put(key="{t}k", value=1, op_id=b"o" * 16))
+                    written = await link.request(Put(key="{t}k", value=1, op_id=b"o" * 16))
                     break
                 except (Moved, Unavailable):
                     await trio.sleep(0.05)
         assert isinstance(written, Written)
-        got = await connection.request(Get(key="{t}k"))
+        got = await link.request(Get(key="{t}k"))
         assert got == ValueReply(found=True, value=1, version=written.version)
 
 

@@ -1,16 +1,18 @@
 """The drone's request handling, end to end over keyval.net (memory streams) with a db.
 
 Each test starts a drone with a fake commander that grants it the slots of the `{a}` and `{b}`
-hash tags, and the in-test db (tests/drone/fakedb.py).
+hash tags, and the real db service on SQLite (tests/drone/harness.py).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
+from trio.testing import MockClock
 
 from keyval.drone.state import Limits
 from keyval.keys import Key, canonical_key, key_slot
@@ -18,6 +20,11 @@ from keyval.messages import (
     ACK_MEMORY,
     Committed,
     CompareAndSet,
+    DbBatchResult,
+    DbOp,
+    DbReadSlot,
+    DbWrite,
+    DbWriteBatch,
     Delete,
     Get,
     GetMany,
@@ -29,14 +36,14 @@ from keyval.messages import (
     ValuesReply,
     Written,
 )
-from tests.drone.harness import Cluster
+from tests.drone.harness import AUTOJUMP_S, DB_ADDRESS, Cluster
 from wire.channel import PeerInfo
 from wire.errors import BadRequest, Conflict, Moved, TooLarge, Unauthorized, Unavailable
 from wire.messages import Message
 
 SLOT_A = key_slot("{a}")
 SLOT_B = key_slot("{b}")
-SLOT_C = key_slot("{c}")  # never granted
+SLOT_C = key_slot("{c}")  # granted only where a test says so
 
 
 def op() -> bytes:
@@ -44,11 +51,15 @@ def op() -> bytes:
 
 
 @pytest.fixture
-async def cluster(nursery: trio.Nursery, autojump_clock: object) -> AsyncIterator[Cluster]:
-    cluster = Cluster(nursery, Limits(max_key_bytes=64, max_value_bytes=1000))
-    await cluster.start()
-    await cluster.grant_and_wait((SLOT_A, SLOT_A, 1), (SLOT_B, SLOT_B, 1))
-    yield cluster
+async def cluster(mock_clock: MockClock, tmp_path: Path) -> AsyncIterator[Cluster]:
+    mock_clock.autojump_threshold = AUTOJUMP_S
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, tmp_path, Limits(max_key_bytes=64, max_value_bytes=1000))
+        await cluster.start()
+        await cluster.grant_and_wait((SLOT_A, SLOT_A, 1), (SLOT_B, SLOT_B, 1))
+        yield cluster
+        nursery.cancel_scope.cancel()
+    await cluster.db.aclose()
 
 
 async def call(cluster: Cluster, msg: Message, principal: str = "client") -> Message:
@@ -64,7 +75,7 @@ async def test_put_get_delete_round_trip(cluster: Cluster) -> None:
     assert isinstance(written, Written) and written.version > 0 and not written.existed
     got = await call(cluster, Get(key="{a}k"))
     assert got == ValueReply(found=True, value={"n": [1, 2]}, version=written.version)
-    assert cluster.db.rows[(SLOT_A, canonical_key("{a}k"))][:2] == ({"n": [1, 2]}, got.version)
+    assert (await cluster.db_rows(SLOT_A))[canonical_key("{a}k")] == ({"n": [1, 2]}, got.version)
     deleted = await call(cluster, Delete(key="{a}k", op_id=op()))
     assert isinstance(deleted, Written) and deleted.version > written.version and deleted.existed
     assert await call(cluster, Get(key="{a}k")) == ValueReply(found=False)
@@ -275,15 +286,16 @@ async def test_memory_ack_answers_before_the_db_and_flushes_behind(cluster: Clus
     got = await call(cluster, Get(key="{a}m"))
     assert isinstance(got, ValueReply) and got.value == "fast"
     await trio.sleep(0.1)  # the batch goes out behind the reply
-    assert cluster.db.rows[(SLOT_A, canonical_key("{a}m"))][:2] == ("fast", written.version)
+    assert (await cluster.db_rows(SLOT_A))[canonical_key("{a}m")] == ("fast", written.version)
 
 
 async def test_op_id_retry_applies_once(cluster: Cluster) -> None:
     op_id = op()
     first = await call(cluster, Put(key="{a}r", value=1, op_id=op_id))
-    batches = len(cluster.db.batches)
+    batcher = cluster.drone.state.batcher
+    sent = batcher.ops_sent
     again = await call(cluster, Put(key="{a}r", value=1, op_id=op_id))
-    assert again == first and len(cluster.db.batches) == batches
+    assert again == first and batcher.ops_sent == sent
     # A retry the drone has forgotten reaches the db, which answers with the first result.
     cluster.drone.state.ops = type(cluster.drone.state.ops)()
     third = await call(cluster, Put(key="{a}r", value=1, op_id=op_id))
@@ -294,15 +306,17 @@ async def test_op_id_retry_applies_once(cluster: Cluster) -> None:
 
 
 async def test_db_failure_fails_the_write_and_applies_nothing(cluster: Cluster) -> None:
-    cluster.db.refuse_next = 1
-    with pytest.raises(BadRequest):
+    cluster.net.down.add(DB_ADDRESS)  # the db becomes unreachable
+    await cluster.drone.db.aclose()
+    with pytest.raises(Unavailable):
         await call(cluster, Put(key="{a}f", value=1, op_id=op()))
     assert await call(cluster, Get(key="{a}f")) == ValueReply(found=False)
 
 
 async def test_stale_grant_is_fenced_and_answered_unavailable(cluster: Cluster) -> None:
-    # Another owner wrote the slot under a newer epoch: the db fences this drone's old grant.
-    cluster.db.fences[SLOT_A] = (1, 5)
+    # Another drone presented a grant with a newer epoch: the db fences this drone's old one.
+    newer = cluster.grant_for("other-drone", (SLOT_A, SLOT_A, 5))
+    await cluster.db_request("other-drone", DbReadSlot(grant=newer, slot=SLOT_A))
     with pytest.raises(Unavailable) as unavailable:
         await call(cluster, Put(key="{a}z", value=1, op_id=op()))
     assert unavailable.value.detail["db_code"] == "FENCED"
@@ -310,7 +324,11 @@ async def test_stale_grant_is_fenced_and_answered_unavailable(cluster: Cluster) 
 
 
 async def test_reseed_loads_a_newly_granted_slot_and_dropped_slot_moves(cluster: Cluster) -> None:
-    cluster.db.rows[(SLOT_C, canonical_key("{c}seed"))] = ("old", (2 << 40) + 5, False)
+    # The slot's previous owner wrote it under epoch 2.
+    before = cluster.grant_for("other-drone", (SLOT_C, SLOT_C, 2))
+    write = DbWrite(SLOT_C, canonical_key("{c}seed"), "old", False, (2 << 40) + 5)
+    batch = DbWriteBatch(grants=[before], ops=[DbOp(op_id=op(), writes=[write])])
+    assert isinstance(await cluster.db_request("other-drone", batch), DbBatchResult)
     await cluster.grant_and_wait((SLOT_A, SLOT_A, 1), (SLOT_C, SLOT_C, 2))
     got = await call(cluster, Get(key="{c}seed"))
     assert got == ValueReply(found=True, value="old", version=(2 << 40) + 5)
