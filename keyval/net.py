@@ -48,6 +48,7 @@ from wire.errors import (
     ServiceError,
     Timeout,
     TooLarge,
+    Unauthorized,
     Unavailable,
     WireError,
     service_error,
@@ -410,6 +411,15 @@ async def open_connection(
 # --- server ----------------------------------------------------------------------------------
 
 
+class CloseConnection(Exception):
+    """Raised by a handler to answer the request with `error` and then end the connection,
+    e.g. when it finds the peer's principal revoked."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class _ServerConnection:
     def __init__(
         self,
@@ -428,16 +438,18 @@ class _ServerConnection:
 
     async def run(self) -> str:
         """Serve requests until the peer leaves or fails; returns why the connection ended."""
+        reason = "closed by a handler"  # if a handler cancels the reader
         async with trio.open_nursery() as nursery:
             try:
-                return await self._read_requests(nursery)
+                reason = await self._read_requests(nursery)
             except WireError as error:
                 if self.link.broken is None:  # tell the peer why, in a sealed close
                     self.link.queue(self.link.channel.close(error.message, error.code.value))
                 await self.link.farewell()
-                return f"{type(error).__name__}: {error.message}"
+                reason = f"{type(error).__name__}: {error.message}"
             finally:
                 nursery.cancel_scope.cancel()
+        return reason
 
     async def _read_requests(self, nursery: trio.Nursery) -> str:
         while True:
@@ -456,9 +468,7 @@ class _ServerConnection:
             rid, msg = request
             refusal = self._refusal()
             if refusal is not None:
-                await self._send_reply(rid, Error(ErrorCode.UNAUTHORIZED.value, refusal, {}))
-                self.link.queue(self.link.channel.close(refusal, ErrorCode.UNAUTHORIZED.value))
-                await self.link.flush()
+                await self._end_with(rid, Unauthorized(refusal))
                 return refusal
             try:  # no checkpoint when a slot is free, so a burst of requests starts together
                 self.inflight.acquire_nowait()
@@ -488,9 +498,20 @@ class _ServerConnection:
             return f"the credentials of {self.peer.name!r} have expired"
         return None
 
+    async def _end_with(self, rid: int, error: ServiceError) -> None:
+        """Answer `rid` with `error`, then close the connection with the same code."""
+        await self._send_reply(rid, Error(error.code.value, error.message, error.detail))
+        self.link.queue(self.link.channel.close(error.message, error.code.value))
+        await self.link.flush()
+
     async def _handle(self, rid: int, msg: Message, nursery: trio.Nursery) -> None:
         try:
-            reply = await self._call_handler(msg)
+            try:
+                reply = await self._call_handler(msg)
+            except CloseConnection as close:
+                await self._end_with(rid, close.error)
+                nursery.cancel_scope.cancel()
+                return
             await self._send_reply(rid, reply)
         except Unavailable:
             nursery.cancel_scope.cancel()  # the connection is gone; stop the others too
@@ -500,6 +521,8 @@ class _ServerConnection:
     async def _call_handler(self, msg: Message) -> Message:
         try:
             reply = await self.handler(self.peer, msg)
+        except CloseConnection:
+            raise
         except ServiceError as error:
             return Error(error.code.value, error.message, error.detail)
         except Exception:
@@ -520,8 +543,8 @@ class _ServerConnection:
         if len(payload) > channel.max_payload_bytes:
             too_large = TooLarge(f"reply of {len(payload)} bytes is over the frame limit")
             payload = encode_message(rid, Error(too_large.code.value, too_large.message, {}))
-        if not channel.is_open:
-            return  # the peer already closed; nobody will read this
+        if not channel.can_send:
+            return  # the connection is closing; nobody will read this
         self.link.queue(channel.send(payload))
         await self.link.flush()
 
@@ -616,6 +639,7 @@ __all__ = [
     "HANDSHAKE_TIMEOUT_S",
     "MAX_CONNECTIONS",
     "MAX_INFLIGHT_PER_CONNECTION",
+    "CloseConnection",
     "Connection",
     "open_connection",
     "parse_address",

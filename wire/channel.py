@@ -295,6 +295,11 @@ class _Channel:
         return self._state is _State.OPEN
 
     @property
+    def can_send(self) -> bool:
+        """True while `send` accepts payloads: open, and no close record sent."""
+        return self._state is _State.OPEN and not self._close_sent
+
+    @property
     def max_payload_bytes(self) -> int:
         """The largest application payload one `send` accepts."""
         return self.max_frame_bytes - SEALED_OVERHEAD_BYTES

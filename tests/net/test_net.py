@@ -28,6 +28,7 @@ from wire.channel import (
 from wire.errors import (
     AuthenticationError,
     BadRequest,
+    Forbidden,
     Internal,
     LocalProtocolError,
     NotFound,
@@ -87,12 +88,14 @@ class App:
         if isinstance(msg, Echo):
             await trio.sleep(msg.delay_s)
             return Echo(msg.value)
-        if isinstance(msg, Fail):
+        if isinstance(msg, Fail) and msg.kind != "close":
             if msg.kind == "not_found":
                 raise NotFound("no such key", detail={"key": "k"})
             if msg.kind == "crash":
                 raise RuntimeError("bug in the handler")
             return "not a message"  # type: ignore[return-value]
+        if isinstance(msg, Fail) and msg.kind == "close":
+            raise net.CloseConnection(Forbidden("you are done here"))
         if isinstance(msg, Block):
             await self.release.wait()
             return Ok()
@@ -451,3 +454,25 @@ async def test_failed_write_fails_the_reader_and_every_waiter_at_once(
                     await conn.request(Ping())
         assert len(failures) == 5
         await conn.aclose()
+
+
+async def test_handler_can_close_the_connection(autojump_clock: trio.abc.Clock) -> None:
+    app = App()
+    async with memory_connection(app) as (conn, _):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.request, Ping())  # answered before the close
+            blocked: list[BaseException] = []
+
+            async def blocked_request() -> None:
+                try:
+                    await conn.request(Block())
+                except Unavailable as error:
+                    blocked.append(error)
+
+            nursery.start_soon(blocked_request)
+            await trio.sleep(1)
+            with pytest.raises(Forbidden, match="done here"):
+                await conn.request(Fail("close"))
+        assert len(blocked) == 1 and "FORBIDDEN" in str(blocked[0])
+        with pytest.raises(Unavailable):
+            await conn.request(Ping())
