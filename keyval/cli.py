@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "keyval.drone",  # drone daemon
     "keyval.commander",  # commander daemon
     "keyval.cluster",  # cluster up / add-drone
+    "keyval.commander.cli_slots",  # keyval slots
     "keyval.admin",  # admin REPL and one-shots
 )
 
@@ -40,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
             if error.name == name:
                 continue  # that group of commands is not built yet
             raise
-        module.register(subparsers)
+        register = getattr(module, "register", None)
+        if register is None:
+            continue  # a package under construction that has no commands yet
+        register(subparsers)
     return parser
 
 
