@@ -306,7 +306,7 @@ def test_eof_during_the_handshake() -> None:
         b.next_event()
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(st.binary(min_size=1, max_size=3000))
 def test_random_bytes_give_a_typed_error_or_need_data(data: bytes) -> None:
     for channel in (server(), client()):
@@ -317,7 +317,7 @@ def test_random_bytes_give_a_typed_error_or_need_data(data: bytes) -> None:
             pass
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(
     payloads=st.lists(st.binary(max_size=2000), max_size=12),
     cuts=st.lists(st.integers(min_value=0), max_size=40),
