@@ -70,6 +70,7 @@ class FakeCluster:
         self.down: set[str] = set()
         self.version_counter = 0
         self.dials = 0
+        self.renamed: dict[str, str] = {}
 
     # ------------------------------------------------------------ test controls
 
@@ -94,7 +95,8 @@ class FakeCluster:
         self.lose_replies[address] = self.lose_replies.get(address, 0) + count
 
     def rebind(self, old: str, new: str) -> None:
-        """Rename an address (after binding a real port)."""
+        """Rename an address (after binding a real port); handlers made before follow it."""
+        self.renamed[old] = new
         if old in self.drones:
             drone = self.drones.pop(old)
             drone.address = new
@@ -125,8 +127,9 @@ class FakeCluster:
             leader=self.leader,
         )
 
-    def handler_for(self, address: str) -> net.Handler:
+    def handler_for(self, original: str) -> net.Handler:
         async def handle(peer: PeerInfo, msg: Message) -> Message:
+            address = self.renamed.get(original, original)
             queued = self.injected.get(address)
             if queued:
                 raise queued.pop(0)

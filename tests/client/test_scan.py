@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from keyval.client.aio import AsyncClient
 from keyval.client.errors import NoOwner
-from keyval.client.scanning import SCAN_PAGE_ITEMS
+from keyval.client.scanning import SCAN_PAGE_ITEMS, Item
 from keyval.keys import canonical_key, key_slot
 from keyval.messages import Scan
 from tests.client.fakes import FakeCluster
@@ -23,8 +25,8 @@ def seed(cluster: FakeCluster, keys: list[str]) -> None:
         cluster.drone_named(owner).data[canonical_key(key)] = (key, index, index + 1)
 
 
-async def collect(kv: AsyncClient, *args: object, **kwargs: object) -> list[object]:
-    return [item async for item in kv.scan(*args, **kwargs)]  # type: ignore[arg-type]
+async def collect(kv: AsyncClient, *args: Any, **kwargs: Any) -> list[Item]:
+    return [item async for item in kv.scan(*args, **kwargs)]
 
 
 async def test_scan_over_every_drone_is_merged_in_key_order(
@@ -33,7 +35,7 @@ async def test_scan_over_every_drone_is_merged_in_key_order(
     keys = [f"user:{i:03d}" for i in range(60)] + ["other"]
     seed(cluster, keys)
     items = await collect(kv, "user:")
-    assert [item[0] for item in items] == sorted(k for k in keys if k.startswith("user:"))  # type: ignore[index]
+    assert [item[0] for item in items] == sorted(k for k in keys if k.startswith("user:"))
     assert all(len(per) >= 1 for per in scans(cluster).values())  # every drone was asked
     assert all(m.slot is None for per in scans(cluster).values() for m in per)
 
@@ -42,20 +44,20 @@ async def test_scan_pages_through_large_results(kv: AsyncClient, cluster: FakeCl
     keys = [f"p{i:05d}" for i in range(SCAN_PAGE_ITEMS * 2 + 50)]
     seed(cluster, keys)
     items = await collect(kv, "p")
-    assert [item[0] for item in items] == keys  # type: ignore[index]
+    assert [item[0] for item in items] == keys
 
 
 async def test_scan_limit(kv: AsyncClient, cluster: FakeCluster) -> None:
     seed(cluster, [f"l{i:02d}" for i in range(30)])
     items = await collect(kv, "l", limit=7)
-    assert [item[0] for item in items] == [f"l{i:02d}" for i in range(7)]  # type: ignore[index]
+    assert [item[0] for item in items] == [f"l{i:02d}" for i in range(7)]
 
 
 async def test_a_tag_prefix_asks_only_the_slot_owner(kv: AsyncClient, cluster: FakeCluster) -> None:
     keys = [f"{{acct}}:{i}" for i in range(5)]
-    seed(cluster, keys + ["elsewhere"])
+    seed(cluster, [*keys, "elsewhere"])
     items = await collect(kv, "{acct}:")
-    assert [item[0] for item in items] == sorted(keys)  # type: ignore[index]
+    assert [item[0] for item in items] == sorted(keys)
     owner = cluster.owner[key_slot("{acct}:")]
     asked = {name for name, per in scans(cluster).items() if per}
     assert asked == {owner}
@@ -65,7 +67,7 @@ async def test_a_tag_prefix_asks_only_the_slot_owner(kv: AsyncClient, cluster: F
 async def test_range_scan(kv: AsyncClient, cluster: FakeCluster) -> None:
     seed(cluster, ["a", "b", "c", "d"])
     items = await collect(kv, start="b", end="d")
-    assert [item[0] for item in items] == ["b", "c"]  # type: ignore[index]
+    assert [item[0] for item in items] == ["b", "c"]
 
 
 async def test_scan_refuses_when_slots_have_no_owner(kv: AsyncClient, cluster: FakeCluster) -> None:
