@@ -9,10 +9,13 @@ from keyval.keys import Key, canonical_key, check_key, key_from_canonical, key_s
 from keyval.messages import Get, GetMany, Scan, ScanPage, ValueReply, ValuesReply
 from wire import codec
 from wire.channel import PeerInfo
-from wire.errors import BadRequest
+from wire.errors import BadRequest, TooLarge
 
 # Keys in one get_many: bounds one request's work and the size of its reply.
 MAX_GET_MANY_KEYS = 1000
+
+# Encoded value bytes in one get_many reply: it must fit one 1 MiB frame with its envelope.
+MAX_GET_MANY_BYTES = 768 * 1024
 
 # Items in one scan page; the client pages on with `after`.
 MAX_SCAN_LIMIT = 1000
@@ -49,9 +52,19 @@ async def handle_get_many(state: DroneState, peer: PeerInfo, msg: GetMany) -> Va
     for slot in {slot for slot, _ in wanted}:  # re-check after the waits: all at one instant
         state.table.check_serving(slot, state.now())
     items: list[tuple[bool, Any, int]] = []
+    size_bytes = 0
     for slot, data in wanted:
         entry = state.store.get(slot, data)
-        items.append((False, None, 0) if entry is None else (True, entry[0], entry[1]))
+        if entry is None:
+            items.append((False, None, 0))
+            continue
+        size_bytes += len(codec.encode(entry[0]))
+        if size_bytes > MAX_GET_MANY_BYTES:
+            raise TooLarge(
+                f"values of these keys exceed {MAX_GET_MANY_BYTES} bytes: ask for fewer at once",
+                detail={"limit": MAX_GET_MANY_BYTES},
+            )
+        items.append((True, entry[0], entry[1]))
     return ValuesReply(items=items)
 
 

@@ -14,6 +14,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from keyval.drone import reads
 from keyval.drone.state import Limits
 from keyval.keys import Key, canonical_key, key_slot
 from keyval.messages import (
@@ -346,3 +347,29 @@ async def test_unknown_incarnation_makes_the_drone_register_again(cluster: Clust
     await trio.sleep(0.5)
     assert heartbeater.incarnation == 2
     assert isinstance(await call(cluster, Get(key="{a}k")), ValueReply)
+
+
+async def test_cas_waits_for_a_pending_write_then_validates_against_it(cluster: Cluster) -> None:
+    written = await call(cluster, Put(key="{a}p", value=1, op_id=op(), ack=ACK_MEMORY))
+    assert isinstance(written, Written)
+    # The memory-acked write may still be on its way to the db: the cas waits for it.
+    swapped = await call(
+        cluster, CompareAndSet(key="{a}p", expected_version=written.version, value=2, op_id=op())
+    )
+    assert isinstance(swapped, Written) and swapped.version > written.version
+    assert not cluster.drone.state.pending.is_pending(SLOT_A, canonical_key("{a}p"))
+
+
+async def test_get_many_refuses_a_reply_over_its_byte_limit(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys: list[Key] = [f"{{a}}big{index}" for index in range(2)]
+    for key in keys:
+        await call(cluster, Put(key=key, value="v" * 900, op_id=op()))
+    reply = await call(cluster, GetMany(keys=keys))
+    assert isinstance(reply, ValuesReply)
+    monkeypatch.setattr(reads, "MAX_GET_MANY_BYTES", 1500)  # two values no longer fit
+    with pytest.raises(TooLarge):
+        await call(cluster, GetMany(keys=keys))
+    with pytest.raises(BadRequest):
+        await call(cluster, GetMany(keys=["{a}k"] * (reads.MAX_GET_MANY_KEYS + 1)))
