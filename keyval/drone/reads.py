@@ -114,9 +114,10 @@ async def handle_scan(state: DroneState, peer: PeerInfo, msg: Scan) -> ScanPage:
 def _drone_scan_start(state: DroneState, after: bytes | None) -> tuple[list[int], bytes | None]:
     """Slots to scan (every slot served now, in order) and the key to resume after."""
     slots = state.table.serving_slots(state.now())
+    held = state.table.held_slots()
+    if not slots and held:
+        state.table.check_serving(held[0], state.now())  # raises UNAVAILABLE saying why
     if after is None:
-        if not slots and state.table.held_slots():
-            state.table.check_serving(state.table.held_slots()[0], state.now())  # says why
         return slots, None
     if len(after) <= SLOT_CURSOR_BYTES:
         raise BadRequest("bad whole-drone scan cursor")

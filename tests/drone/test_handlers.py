@@ -276,6 +276,8 @@ async def test_lease_lapse_stops_serving_until_renewed(cluster: Cluster) -> None
     assert unavailable.value.detail["retry_after_ms"] > 0
     with pytest.raises(Unavailable):
         await call(cluster, Put(key="{a}k", value=2, op_id=op()))
+    with pytest.raises(Unavailable):  # a whole-drone scan must not look complete and empty
+        await call(cluster, Scan(after=SLOT_A.to_bytes(2, "big") + canonical_key("{a}k")))
     cluster.commander.silent = False
     await trio.sleep(0.3)
     assert isinstance(await call(cluster, Get(key="{a}k")), ValueReply)
