@@ -9,8 +9,15 @@ from typing import Any
 
 import trio
 
-from keyval.drone.daemon import DEFAULT_DB_NAME, DEFAULT_LISTEN, run_drone
+from auth.keys import KeyFileError
+from keyval.drone.daemon import (
+    DEFAULT_DB_NAME,
+    DEFAULT_LISTEN,
+    run_drone,
+    settings_from_options,
+)
 from keyval.nodeconfig import ConfigError, add_identity_arguments, resolve
+from wire.errors import WireError
 
 ROLE_KEYS = ("db", "commander", "db_name", "max_key_bytes", "max_value_bytes")
 
@@ -42,8 +49,6 @@ def register(subparsers: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         options = resolve(args, role_keys=ROLE_KEYS)
-        from keyval.drone.daemon import settings_from_options
-
         settings_from_options(options)  # report bad flags before starting anything
     except ConfigError as error:
         print(f"keyval drone: {error}", file=sys.stderr)
@@ -51,10 +56,28 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         trio.run(run_drone, options)
-    except ConfigError as error:
-        print(f"keyval drone: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"keyval drone: cannot start: {error}", file=sys.stderr)
-        return 1
+    except (Exception, BaseExceptionGroup) as error:
+        found = _startup_error(error)
+        if found is None:
+            raise
+        code, message = found
+        print(f"keyval drone: {message}", file=sys.stderr)
+        return code
     return 0
+
+
+def _startup_error(error: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for an error that means 'cannot start as configured'."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _startup_error(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(error, ConfigError):
+        return 2, str(error)
+    if isinstance(error, OSError | KeyFileError):
+        return 1, f"cannot start: {error}"
+    if isinstance(error, WireError):
+        return 1, f"cannot start: {error.code}: {error.message}"
+    return None

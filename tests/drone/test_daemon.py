@@ -120,3 +120,20 @@ def test_cli_reports_a_missing_flag_in_one_line(
     assert args.func(args) == 2
     error = capsys.readouterr().err
     assert error.startswith("keyval drone: missing --db") and error.count("\n") == 1
+
+
+def test_cli_reports_a_missing_key_file_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    argv = ["drone", "--name", "drone-1", "--key", str(tmp_path / "none.key")]
+    argv += ["--authority", "127.0.0.1:1", "--authority-key", "11" * 32]
+    argv += ["--db", "127.0.0.1:1", "--commander", "127.0.0.1:2", "--listen", "127.0.0.1:0"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("keyval drone: cannot start:") and "none.key" in error
+    assert error.count("\n") == 1
