@@ -247,6 +247,7 @@ class SimListener(trio.abc.Listener[SimStream]):
         self.address = address
         self._incoming_send, self._incoming = trio.open_memory_channel[SimStream](LISTEN_BACKLOG)
         self._closed = False
+        self._killed = False
 
     def __repr__(self) -> str:
         return f"<SimListener {self.node} {self.address}>"
@@ -258,10 +259,11 @@ class SimListener(trio.abc.Listener[SimStream]):
             return False
         return True
 
-    def _shut(self) -> None:
+    def _shut(self, *, killed: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
+        self._killed = killed
         self._incoming_send.close()
         while True:
             try:
@@ -274,12 +276,16 @@ class SimListener(trio.abc.Listener[SimStream]):
             del self.network._listeners[self.address]
 
     async def accept(self) -> SimStream:
-        if self._closed:
-            raise trio.ClosedResourceError("this listener was closed")
-        try:
-            return await self._incoming.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise trio.ClosedResourceError("this listener was closed") from None
+        """The next connection. Raises `trio.ClosedResourceError` once this listener is closed,
+        `trio.BrokenResourceError` once its node was killed."""
+        if not self._closed:
+            try:
+                return await self._incoming.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                pass
+        if self._killed:
+            raise trio.BrokenResourceError(f"node {self.node!r} was killed")
+        raise trio.ClosedResourceError("this listener was closed")
 
     async def aclose(self) -> None:
         self._shut()
@@ -455,7 +461,7 @@ class Network:
         self._killed.add(node)
         self._paused.discard(node)
         for listener in [item for item in self._listeners.values() if item.node == node]:
-            listener._shut()
+            listener._shut(killed=True)
         for connection in [item for item in self._connections if item.touches(node)]:
             self._reset(connection)
         self._notify()
