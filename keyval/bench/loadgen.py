@@ -1,0 +1,216 @@
+"""One load-generator process: trio, its share of connections, one task per in-flight request.
+
+The parent (keyval.bench.fanout) talks to it over a multiprocessing pipe in JSON (never
+pickle): it sends the spec; the process connects, preloads its share of keys and answers
+`ready`; the parent answers `go` with the measured window in CLOCK_MONOTONIC nanoseconds
+(the same clock in every process on the machine) or `stop`; the process runs until the window
+closes and answers `result`: operations and errors completed inside the window, their latency
+histogram and its own CPU seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import resource
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import trio
+
+from keyval.bench.errors import BenchError, LoadGeneratorError
+from keyval.bench.histogram import Histogram
+from keyval.bench.respclient import open_resp_connection
+from keyval.bench.sessions import KeyvalSession, RedisSession
+from keyval.bench.workloads import TXN_WORKLOADS, Session, one_operation, preload_items
+from keyval.messages import ACK_DURABLE, ACK_MEMORY
+from wire.errors import WireError
+
+SETUP_TIMEOUT_S = 120.0  # preload this process's share of the keys
+GO_TIMEOUT_S = 600.0  # the parent waits for every process to be ready, then says go
+PRELOAD_TASKS = 64  # concurrent writes per process while preloading
+CONNECT_TIMEOUT_S = 10.0
+# After a failed operation a task waits this long before the next one, so a dead server
+# costs a few hundred errors per second per task instead of a hot loop.
+ERROR_PAUSE_S = 0.005
+# Failures an operation may end with, counted by type name; anything else is a bug and
+# stops the process with the traceback.
+OPERATION_ERRORS = (WireError, BenchError, OSError, trio.BrokenResourceError)
+
+
+@dataclass
+class WorkerSpec:
+    index: int
+    target: str  # "keyval" or "redis"
+    workload: str
+    connections: int
+    pipeline: int
+    keys: int
+    value_bytes: int
+    preload_first: int
+    preload_stop: int
+    seed: int
+    config: str = ""  # keyval: client.toml
+    host: str = ""  # redis
+    port: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class Tally:
+    histogram: Histogram = field(default_factory=Histogram)
+    errors: dict[str, int] = field(default_factory=dict)
+    window_ns: tuple[int, int] = (0, 0)
+
+    def count_error(self, error: BaseException) -> None:
+        name = type(error).__name__
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+
+def keyval_ack(workload: str) -> str:
+    """`put-memory` acknowledges after the in-memory apply; everything else is durable."""
+    return ACK_MEMORY if workload == "put-memory" else ACK_DURABLE
+
+
+@contextlib.asynccontextmanager
+async def open_sessions(spec: WorkerSpec) -> AsyncIterator[list[Session]]:
+    """One Session per concurrent task: tasks of one connection share its session, except
+    Redis transactions, whose WATCH needs a connection per task."""
+    async with contextlib.AsyncExitStack() as stack:
+        per_connection: list[Session] = []
+        if spec.target == "keyval":
+            from keyval.client import aconnect
+
+            for _ in range(spec.connections):
+                client = await stack.enter_async_context(aconnect(spec.config))
+                per_connection.append(KeyvalSession(client, ack=keyval_ack(spec.workload)))
+        elif spec.target == "redis":
+            sockets = spec.connections
+            if spec.workload in TXN_WORKLOADS:
+                sockets *= spec.pipeline
+            for _ in range(sockets):
+                redis = await stack.enter_async_context(
+                    open_resp_connection(spec.host, spec.port, timeout_s=CONNECT_TIMEOUT_S)
+                )
+                per_connection.append(RedisSession(redis))
+        else:
+            raise LoadGeneratorError(f"unknown target {spec.target!r}")
+        tasks = spec.connections * spec.pipeline
+        yield [per_connection[index % len(per_connection)] for index in range(tasks)]
+
+
+async def preload(spec: WorkerSpec, sessions: list[Session]) -> int:
+    value = b"v" * spec.value_bytes
+    items = iter(preload_items(spec.workload, spec.preload_first, spec.preload_stop, value))
+    written = 0
+
+    async def writer(session: Session) -> None:
+        nonlocal written
+        for key, item in items:  # the tasks share one iterator: each item is written once
+            await session.put(key, item)
+            written += 1
+
+    async with trio.open_nursery() as nursery:
+        for index in range(min(PRELOAD_TASKS, len(sessions))):
+            nursery.start_soon(writer, sessions[index])
+    return written
+
+
+async def drive(
+    spec: WorkerSpec, session: Session, rng: random.Random, tally: Tally, value: bytes
+) -> None:
+    first_ns, last_ns = tally.window_ns
+    while True:
+        started = time.monotonic_ns()
+        try:
+            await one_operation(spec.workload, session, rng, spec.keys, value)
+        except OPERATION_ERRORS as error:
+            if first_ns <= time.monotonic_ns() <= last_ns:
+                tally.count_error(error)
+            await trio.sleep(ERROR_PAUSE_S)
+            continue
+        finished = time.monotonic_ns()
+        if first_ns <= finished <= last_ns:
+            tally.histogram.record(finished - started)
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure(spec: WorkerSpec, sessions: list[Session], tally: Tally) -> float:
+    """Run every task until the window closes; this process's CPU seconds in the window."""
+    first_ns, last_ns = tally.window_ns
+    value = b"v" * spec.value_bytes
+    cpu_at_start = 0.0
+    async with trio.open_nursery() as nursery:
+        for index, session in enumerate(sessions):
+            rng = random.Random(spec.seed * 1_000_003 + index)
+            nursery.start_soon(drive, spec, session, rng, tally, value)
+        await trio.sleep(max(0, first_ns - time.monotonic_ns()) / 1e9)
+        cpu_at_start = _cpu_s()
+        await trio.sleep(max(0, last_ns - time.monotonic_ns()) / 1e9)
+        cpu_spent = _cpu_s() - cpu_at_start
+        nursery.cancel_scope.cancel()  # in-flight operations end outside the window anyway
+    return cpu_spent
+
+
+def _send(pipe: Connection, message: dict[str, Any]) -> None:
+    pipe.send_bytes(json.dumps(message).encode())
+
+
+def _receive(pipe: Connection, timeout_s: float) -> dict[str, Any]:
+    if not pipe.poll(timeout_s):
+        raise LoadGeneratorError(f"no word from the parent within {timeout_s:.0f} s")
+    message = json.loads(pipe.recv_bytes())
+    if not isinstance(message, dict) or not isinstance(message.get("kind"), str):
+        raise LoadGeneratorError(f"malformed message from the parent: {message!r}")
+    return message
+
+
+async def run_worker(spec: WorkerSpec, pipe: Connection) -> None:
+    # Each connection has its own connect deadline (its nursery must not sit inside ours).
+    async with open_sessions(spec) as sessions:
+        with trio.fail_after(SETUP_TIMEOUT_S):
+            written = await preload(spec, sessions)
+        _send(pipe, {"kind": "ready", "preloaded": written})
+        order = await trio.to_thread.run_sync(_receive, pipe, GO_TIMEOUT_S)
+        if order["kind"] == "stop":
+            return
+        window = order.get("window_ns")
+        if order["kind"] != "go" or not (
+            isinstance(window, list) and len(window) == 2 and all(type(t) is int for t in window)
+        ):
+            raise LoadGeneratorError(f"expected go with window_ns, got {order!r}")
+        tally = Tally(window_ns=(window[0], window[1]))
+        cpu_s = await measure(spec, sessions, tally)
+    _send(
+        pipe,
+        {
+            "kind": "result",
+            "histogram": tally.histogram.to_json(),
+            "errors": tally.errors,
+            "loadgen_cpu_s": cpu_s,
+        },
+    )
+
+
+def worker_main(spec_json: str, pipe: Connection) -> None:
+    """Entry point of the process (multiprocessing target)."""
+    try:
+        trio.run(run_worker, WorkerSpec.from_json(spec_json), pipe)
+    except (BenchError, WireError, OSError, trio.TooSlowError, trio.BrokenResourceError) as error:
+        _send(pipe, {"kind": "error", "error": f"{type(error).__name__}: {error}"})
+    finally:
+        pipe.close()
