@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -23,10 +24,11 @@ from auth.client import Credentials
 from auth.keys import KeyFileError
 from keyval.admin.actions import execute, local_result
 from keyval.admin.errors import AdminError, UsageError, describe
-from keyval.admin.grammar import parse_words
+from keyval.admin.grammar import Invocation, parse_words
 from keyval.admin.remote import AdminRemote
 from keyval.admin.render import render, render_json
 from keyval.admin.repl import COMMAND_ERRORS, run_repl
+from keyval.admin.results import Result
 from keyval.client.config import settings_from_options
 from keyval.client.links import TicketDialer
 from keyval.nodeconfig import ConfigError, client_config_path, load_client_config
@@ -78,27 +80,35 @@ def main(args: argparse.Namespace) -> int:
         return _fail(error, 2)
 
 
-def run_oneshot(words: list[str], open_remote: Any, console: Console | None = None) -> int:
+def run_oneshot(words: list[str], open_remote: Callable[[], AdminRemote]) -> int:
     invocation = parse_words(words)
-    console = console or Console(highlight=False)
+    console = Console(highlight=False)
     result = local_result(invocation)
-    if result is None:
-        remote: AdminRemote = open_remote()
+    if result is not None:
+        return show(invocation, result, console)
 
-        async def run() -> Any:
-            try:
-                return await execute(invocation, remote, lambda text: None)
-            finally:
-                await remote.aclose()
-
+    async def run() -> int:
+        remote = open_remote()
         try:
-            result = trio.run(run)
-        except UsageError:
-            raise
-        except COMMAND_ERRORS as error:
-            if isinstance(error, trio.TooSlowError):
-                error = AdminError("timed out waiting for the cluster")
-            return _fail(error, 1)
+            return await run_invocation(invocation, remote, console)
+        finally:
+            await remote.aclose()
+
+    return trio.run(run)
+
+
+async def run_invocation(invocation: Invocation, remote: AdminRemote, console: Console) -> int:
+    """Run one command, print its result (JSON on stdout with --json); return the exit code."""
+    try:
+        result = await execute(invocation, remote, lambda text: None)
+    except UsageError as error:
+        return _fail(error, 2)
+    except COMMAND_ERRORS as error:
+        return _fail(error, 1)
+    return show(invocation, result, console)
+
+
+def show(invocation: Invocation, result: Result, console: Console) -> int:
     if invocation.json_output:
         print(render_json(result), flush=True)
     else:
@@ -106,6 +116,8 @@ def run_oneshot(words: list[str], open_remote: Any, console: Console | None = No
     return 0
 
 
-def _fail(error: Exception, code: int) -> int:
+def _fail(error: BaseException, code: int) -> int:
+    if isinstance(error, trio.TooSlowError):
+        error = AdminError("timed out waiting for the cluster")
     print(f"{PROG}: {describe(error)}", file=sys.stderr, flush=True)
     return code

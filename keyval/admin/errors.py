@@ -52,7 +52,7 @@ ADMIN_HINT = (
 )
 
 
-def describe(error: Exception) -> str:
+def describe(error: BaseException) -> str:
     """One line for an operator: the stable code, what went wrong, and for UNAUTHORIZED what
     to do about it."""
     if isinstance(error, UsageError):

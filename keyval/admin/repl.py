@@ -17,12 +17,14 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from rich.console import Console
 
+from auth.keys import KeyFileError
 from keyval.admin.actions import execute
 from keyval.admin.completion import AdminCompleter, Names
 from keyval.admin.errors import AdminError, describe
 from keyval.admin.grammar import Invocation, parse_line
 from keyval.admin.remote import AdminRemote
 from keyval.admin.render import render, render_json
+from keyval.nodeconfig import ConfigError
 from wire.errors import WireError
 
 HISTORY_FILE = Path("~/.keyval_history")
@@ -31,7 +33,7 @@ PROMPT = "keyval> "
 MAP_COMMANDS = frozenset({"slots", "nodes", "status", "move", "drain"})
 # Errors a command may end with that the REPL reports and survives. Anything else is a bug
 # and ends the REPL with its traceback.
-COMMAND_ERRORS = (AdminError, WireError, OSError, trio.TooSlowError)
+COMMAND_ERRORS = (AdminError, WireError, OSError, KeyFileError, ConfigError, trio.TooSlowError)
 
 
 def open_history() -> History:
@@ -114,7 +116,7 @@ class Repl:
     def _progress(self, text: str) -> None:
         self.console.print(f"  ... {text}", style="dim", markup=False, highlight=False)
 
-    def _error(self, error: Exception) -> None:
+    def _error(self, error: BaseException) -> None:
         if isinstance(error, trio.TooSlowError):
             error = AdminError("timed out waiting for the cluster")
         self.console.print(f"error: {describe(error)}", style="red", markup=False, highlight=False)
