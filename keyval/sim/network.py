@@ -19,7 +19,10 @@ Each direction buffers at most `buffer_bytes_max` before `send_all` waits, like 
 so a held or slow link pushes back on its sender instead of growing without bound.
 
 The simulation harness owns the nodes' tasks: killing a node here breaks its streams but does
-not cancel its tasks, and a paused node's timers still run.
+not cancel its tasks, and a paused node's timers still run. Replaying a seed exactly also needs
+trio's own scheduling to be deterministic: trio shuffles the order of ready tasks with its own
+random generator, which the harness must seed too, since the order of draws from `rng` follows
+the order tasks run in.
 """
 
 from __future__ import annotations
