@@ -549,11 +549,6 @@ def _refuse_constant(name: str) -> object:
     raise HistoryError(f"{name} is not a JSON number")
 
 
-def history_of(*events: Event) -> History:
-    """Shorthand for `History.from_events` in tests and tools."""
-    return History.from_events(events)
-
-
 def by_key(operations: Iterable[Operation]) -> Mapping[Key, list[Operation]]:
     """Single-key operations grouped by key, in invocation order."""
     groups: dict[Key, list[Operation]] = {}
