@@ -17,10 +17,10 @@ from typing import Any
 
 from keyval.bench.errors import LoadGeneratorError
 from keyval.bench.histogram import Histogram
-from keyval.bench.loadgen import SETUP_TIMEOUT_S, WorkerSpec, worker_main
+from keyval.bench.loadgen import WorkerSpec, preload_timeout_s, worker_main
 
 START_MARGIN_S = 0.2  # from "go" to the warm-up's start: every process has read its order
-READY_TIMEOUT_S = SETUP_TIMEOUT_S + 60.0  # interpreter start-up, connect and preload
+STARTUP_TIMEOUT_S = 60.0  # interpreter start-up and connecting, before the preload
 RESULT_GRACE_S = 30.0  # after the window closes: cancel in-flight work, report
 JOIN_TIMEOUT_S = 10.0  # then terminate
 
@@ -94,7 +94,8 @@ def run_load(
             child.start()
             child_end.close()
             running.append((child, parent_end))
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        largest = max(spec.preload_stop - spec.preload_first for spec in specs)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S + preload_timeout_s(largest)
         preloaded = 0
         for process, pipe in running:
             ready = _receive(pipe, process, deadline)

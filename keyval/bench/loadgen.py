@@ -30,7 +30,10 @@ from keyval.bench.workloads import TXN_WORKLOADS, Session, one_operation, preloa
 from keyval.messages import ACK_DURABLE, ACK_MEMORY
 from wire.errors import WireError
 
-SETUP_TIMEOUT_S = 120.0  # preload this process's share of the keys
+# Preloading a process's share of the keys may take this long: a fixed part plus a floor on
+# the write rate, far below what a healthy cluster or Redis sustains.
+PRELOAD_BASE_TIMEOUT_S = 60.0
+PRELOAD_MIN_KEYS_PER_S = 1000.0
 GO_TIMEOUT_S = 600.0  # the parent waits for every process to be ready, then says go
 PRELOAD_TASKS = 64  # concurrent writes per process while preloading
 CONNECT_TIMEOUT_S = 10.0
@@ -75,6 +78,10 @@ class Tally:
     def count_error(self, error: BaseException) -> None:
         name = type(error).__name__
         self.errors[name] = self.errors.get(name, 0) + 1
+
+
+def preload_timeout_s(keys: int) -> float:
+    return PRELOAD_BASE_TIMEOUT_S + keys / PRELOAD_MIN_KEYS_PER_S
 
 
 def keyval_ack(workload: str) -> str:
@@ -182,7 +189,7 @@ def _receive(pipe: Connection, timeout_s: float) -> dict[str, Any]:
 async def run_worker(spec: WorkerSpec, pipe: Connection) -> None:
     # Each connection has its own connect deadline (its nursery must not sit inside ours).
     async with open_sessions(spec) as sessions:
-        with trio.fail_after(SETUP_TIMEOUT_S):
+        with trio.fail_after(preload_timeout_s(spec.preload_stop - spec.preload_first)):
             written = await preload(spec, sessions)
         _send(pipe, {"kind": "ready", "preloaded": written})
         order = await trio.to_thread.run_sync(_receive, pipe, GO_TIMEOUT_S)

@@ -1,0 +1,38 @@
+"""`scripts/bench` / `python -m keyval.bench`: run, print, and write JSON and BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from keyval.bench.errors import BenchError
+from keyval.bench.options import parse_options
+from keyval.bench.report import print_results, update_markdown, write_json
+from keyval.bench.runner import run_memory, run_throughput
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        options = parse_options(argv)
+        if options.memory_keys is not None:
+            outcome = run_memory(options)
+        else:
+            outcome = run_throughput(options)
+    except BenchError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    print_results(outcome.throughput, outcome.memory, outcome.notes)
+    if options.json_out is not None:
+        write_json(options.json_out, outcome.throughput, outcome.memory, outcome.notes)
+    if options.markdown is not None:
+        try:
+            update_markdown(options.markdown, outcome.throughput, outcome.memory)
+        except BenchError as error:
+            print(f"bench: {error}", file=sys.stderr)
+            return 1
+        print(f"updated {options.markdown}")
+    return 0
