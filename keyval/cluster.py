@@ -261,6 +261,7 @@ class Cluster:
                 "name": node.name,
                 "address": node.address,
                 "pid": node.process.pid if node.process else None,
+                "argv": node.argv,  # how to start this node again (tests, fault runs)
             }
             for node in self.nodes
         ]
@@ -268,17 +269,16 @@ class Cluster:
         return client_toml
 
     def wait_serving(self, client_toml: Path) -> None:
-        """Wait until a client can read a key in every drone's slots."""
-        from keyval.client import connect
+        """Wait until every slot has an owner and every drone answers for one of its slots."""
+        import trio
 
         deadline = time.monotonic() + READY_TIMEOUT_S
         last_error: Exception | None = None
         while time.monotonic() < deadline and not self.stopping:
             self.check_children()
             try:
-                with connect(str(client_toml)) as kv:
-                    if kv.ping_all_drones():
-                        return
+                if trio.run(_cluster_serves, client_toml, self.drones):
+                    return
             except Exception as error:  # any failure here means "not yet"; retried
                 last_error = error
             time.sleep(0.2)
@@ -320,6 +320,30 @@ class Cluster:
                         flush=True,
                     )
             time.sleep(0.2)
+
+
+async def _cluster_serves(client_toml: Path, drones: int) -> bool:
+    """True when all slots are owned, by `drones` drones, each serving a slot it owns."""
+    import trio
+
+    from keyval.client import aconnect
+    from keyval.keys import NUM_SLOTS
+    from keyval.messages import Scan
+
+    with trio.fail_after(10):
+        async with aconnect(client_toml) as kv:
+            router = kv.router
+            table = await router.current_table(router.start())
+            routes = [table.route(slot) for slot in range(NUM_SLOTS)]
+            if any(route is None for route in routes) or len(table.drones()) < drones:
+                return False
+            first_slot: dict[str, int] = {}
+            for slot, route in enumerate(routes):
+                if route is not None:
+                    first_slot.setdefault(route.drone, slot)
+            for slot in first_slot.values():
+                await router.call(slot, Scan(slot=slot, limit=1))
+    return True
 
 
 def cmd_up(args: argparse.Namespace) -> int:
