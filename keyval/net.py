@@ -16,15 +16,21 @@ peer's TCP window fills: back-pressure).
 
 Writes are coalesced: frames sealed while a write is under way (or in the same scheduling
 pass) leave in one `send_all`.
+
+Transport: `open_connection` and `serve` reach the network through the `Transport` in the
+context variable `TRANSPORT` (TCP by default). A simulation sets it, per simulated node, to an
+in-memory network (keyval.sim), so daemons run unchanged; trio tasks inherit it from the task
+that started them.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -102,6 +108,45 @@ def parse_address(address: str) -> tuple[str, int]:
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Transport(Protocol):
+    """How `open_connection` dials and `serve` listens."""
+
+    async def connect(self, address: str) -> trio.abc.Stream:
+        """A stream to `host:port`; raises OSError when the peer cannot be reached."""
+        ...
+
+    async def listen(self, address: str) -> tuple[Sequence[trio.abc.Listener[Any]], str]:
+        """Listeners on `host:port` (port 0 picks one) and the bound `host:port`."""
+        ...
+
+
+class TcpTransport:
+    """The real network."""
+
+    async def connect(self, address: str) -> trio.abc.Stream:
+        host, port = parse_address(address)
+        return await trio.open_tcp_stream(host, port)
+
+    async def listen(self, address: str) -> tuple[Sequence[trio.abc.Listener[Any]], str]:
+        host, port = parse_address(address)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+        return listeners, format_address(bound_host, bound_port)
+
+
+_TCP = TcpTransport()
+
+# None means TCP. Set it (`TRANSPORT.set(...)`) in the task that starts a node.
+TRANSPORT: contextvars.ContextVar[Transport | None] = contextvars.ContextVar(
+    "keyval_transport", default=None
+)
+
+
+def current_transport() -> Transport:
+    transport = TRANSPORT.get()
+    return _TCP if transport is None else transport
 
 
 class _Link:
@@ -393,12 +438,13 @@ async def open_connection(
     timeout: float = CONNECT_TIMEOUT_S,
     max_frame_bytes: int = MAX_FRAME_BYTES,
 ) -> Connection:
-    """Connect over TCP to `host:port` and run the handshake, all within `timeout`."""
-    host, port = parse_address(address)
+    """Connect to `host:port` (over `TRANSPORT`, TCP by default) and run the handshake, all
+    within `timeout`."""
+    parse_address(address)
     deadline = trio.current_time() + timeout
     with trio.move_on_at(deadline):
         try:
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await current_transport().connect(address)
         except OSError as error:
             raise Unavailable(f"cannot connect to {address}: {error}") from None
         remaining = max(deadline - trio.current_time(), 0.0)
@@ -602,12 +648,11 @@ async def serve(
 ) -> None:
     """Listen on `host:port` (port 0 picks one) and serve every connection until cancelled.
     `task_status.started` receives the bound `host:port`."""
-    host, port = parse_address(listen)
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+    parse_address(listen)
+    listeners, bound = await current_transport().listen(listen)
     connections = trio.CapacityLimiter(MAX_CONNECTIONS)
 
-    async def on_stream(stream: trio.SocketStream) -> None:
+    async def on_stream(stream: trio.abc.Stream) -> None:
         try:
             connections.acquire_nowait()
         except trio.WouldBlock:
@@ -630,7 +675,7 @@ async def serve(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_stream, listeners)
-        task_status.started(format_address(bound_host, bound_port))
+        task_status.started(bound)
 
 
 __all__ = [
@@ -639,8 +684,12 @@ __all__ = [
     "HANDSHAKE_TIMEOUT_S",
     "MAX_CONNECTIONS",
     "MAX_INFLIGHT_PER_CONNECTION",
+    "TRANSPORT",
     "CloseConnection",
     "Connection",
+    "TcpTransport",
+    "Transport",
+    "current_transport",
     "open_connection",
     "parse_address",
     "serve",
