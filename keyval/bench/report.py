@@ -37,7 +37,7 @@ def _ms(row: Row, name: str) -> str:
 
 
 def _errors(row: Row) -> str:
-    errors = row.get("errors") or {}
+    errors = row.get("errors")
     return str(sum(errors.values())) if isinstance(errors, dict) else "-"
 
 

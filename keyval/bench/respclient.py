@@ -111,8 +111,8 @@ class RespConnection:
                 nursery.start_soon(self._write_loop)
                 nursery.start_soon(self._read_loop)
                 task_status.started()
-        except (ConnectionLost, OSError, trio.BrokenResourceError) as error:
-            self._fail_all(error)
+        except* (ConnectionLost, OSError, trio.BrokenResourceError) as group:
+            self._fail_all(group.exceptions[0])
         finally:
             self._fail_all(self._failure or ConnectionLost("connection closed"))
 
