@@ -17,8 +17,9 @@ START_TIMEOUT_S = 120.0
 
 
 class LocalCluster:
-    def __init__(self, root: Path, *, drones: int = 3, commanders: int = 1,
-                 backend: str | None = None) -> None:
+    def __init__(
+        self, root: Path, *, drones: int = 3, commanders: int = 1, backend: str | None = None
+    ) -> None:
         self.root = root
         self.drones = drones
         self.commanders = commanders
@@ -31,14 +32,30 @@ class LocalCluster:
         return str(self.root / "client.toml")
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "keyval", "cluster", "up", "--dir", str(self.root),
-                "--drones", str(self.drones), "--commanders", str(self.commanders),
-                "--base-port", "0"]
+        argv = [
+            sys.executable,
+            "-m",
+            "keyval",
+            "cluster",
+            "up",
+            "--dir",
+            str(self.root),
+            "--drones",
+            str(self.drones),
+            "--commanders",
+            str(self.commanders),
+            "--base-port",
+            "0",
+        ]
         if self.backend:
             argv += ["--backend", self.backend]
         self.process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         assert self.process.stdout is not None
         ready = threading.Event()

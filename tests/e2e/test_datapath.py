@@ -135,7 +135,12 @@ def test_bank_transfers_on_one_drone_keep_the_total(cluster: LocalCluster) -> No
                     source, target = rng.sample(accounts, 2)
                     amount = rng.randint(1, 30)
 
-                    def transfer(tx: keyval.client.Transaction) -> None:
+                    def transfer(
+                        tx: keyval.client.Transaction,
+                        source: str = source,
+                        target: str = target,
+                        amount: int = amount,
+                    ) -> None:
                         balance = tx.get(source)
                         if balance >= amount:
                             tx.put(source, balance - amount)
@@ -180,7 +185,10 @@ def test_cli_one_shots(cluster: LocalCluster) -> None:
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "keyval", *argv],
-            env=env, capture_output=True, text=True, timeout=60,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     assert run("put", "cli-key", '{"a": [1, 2]}').returncode == 0
@@ -194,6 +202,8 @@ def test_cli_one_shots(cluster: LocalCluster) -> None:
     no_config = subprocess.run(
         [sys.executable, "-m", "keyval", "get", "x"],
         env={k: v for k, v in os.environ.items() if k != "KEYVAL_CONFIG"},
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert no_config.returncode != 0 and "config" in no_config.stderr

@@ -98,9 +98,25 @@ def test_principal_key_prefixes_are_enforced(own_cluster: LocalCluster, tmp_path
     root = own_cluster.root
     key_file = tmp_path / "limited.key"
     added = subprocess.run(
-        [sys.executable, "-m", "keyval", "--config", str(root / "admin.toml"), "principal",
-         "add", "limited", "--role", "client", "--prefix", "app:", "--out", str(key_file)],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "keyval",
+            "--config",
+            str(root / "admin.toml"),
+            "principal",
+            "add",
+            "limited",
+            "--role",
+            "client",
+            "--prefix",
+            "app:",
+            "--out",
+            str(key_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert added.returncode == 0, added.stderr
     config = (root / "client.toml").read_text()
