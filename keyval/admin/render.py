@@ -61,8 +61,9 @@ def _add_row(table: Table, *cells: str) -> None:
 def _slots(result: SlotsResult, console: Console) -> None:
     title = f"slot map v{result.version}, term {result.term}, leader {result.leader or '?'}"
     if result.drone is not None:
-        title += f" - drone {result.drone}"
-    table = Table(title=title, title_justify="left")
+        title += f", drone {result.drone}"
+    console.print(title, markup=False, highlight=False)  # a line, not a title: never wrapped
+    table = Table()
     table.add_column("slots", justify="right")
     table.add_column("count", justify="right")
     table.add_column("drone")
