@@ -104,7 +104,7 @@ def _cluster(result: ClusterResult, console: Console) -> None:
     if unowned:
         head += f" ({unowned} UNOWNED)"
     console.print(head, markup=False, highlight=False)
-    table = Table(title="nodes" if result.view == "nodes" else "status", title_justify="left")
+    table = Table()
     for column in ("role", "name", "address", "health", "slots"):
         table.add_column(column, justify="right" if column == "slots" else "left")
     if result.view == "status":
