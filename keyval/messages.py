@@ -308,3 +308,69 @@ class ClusterStatus(Message):
     phase: str  # "waiting" | "resuming" | "running" (keyval.commander.state.Phase values)
     map_version: int  # the saved map's version
     drones: list[DroneStatus]  # every registered drone, live or draining, by name
+
+
+# ---------------------------------------------------------------- cross-drone transactions (2PC)
+#
+# The client sends kv.txn_prepare to every participant drone; each validates and locks its keys,
+# then votes to the db (db.txn_vote) and waits. The db commits the decision record and every
+# participant's writes in one transaction once all have voted (or records abort at the deadline),
+# and answers each voter. See docs/transactions.md.
+
+
+@message("kv.txn_prepare")
+class TxnPrepare(Message):
+    """This drone's part of a transaction across `participants` (drone names, sorted).
+
+    `txid` (16 random bytes) names the transaction everywhere; `time_left_ms` is what remains of
+    the transaction's time bound. Answered with kv.committed (versions of this drone's writes)
+    once the decision is durable, or CONFLICT when it aborted."""
+
+    txid: bytes
+    participants: list[str]
+    reads: list[tuple[Key, int]]
+    writes: list[tuple[Key, str, Any]]
+    time_left_ms: int
+
+
+@message("kv.txn_abort")
+class TxnAbort(Message):
+    """Abort `txid` unless it is already decided; answered with the decision that stands."""
+
+    txid: bytes
+
+
+@message("kv.txn_outcome")
+class TxnOutcome(Message):
+    decision: str  # "commit" | "abort"
+
+
+@message("db.txn_vote")
+class DbTxnVote(Message):
+    """A participant's yes vote: its keys are locked and its reads valid. `writes` are its
+    writes with the versions it assigned; `grant` covers their slots. Answered with the
+    decision once it is durable (commit) or taken (abort, after `wait_ms` without all votes)."""
+
+    txid: bytes
+    participants: list[str]
+    grant: Grant | None
+    writes: list[DbWrite]
+    wait_ms: int
+
+
+@message("db.decide")
+class DbDecide(Message):
+    """Record `decision` for `txid` unless one exists (compare-and-set); answers what stands."""
+
+    txid: bytes
+    decision: str
+
+
+@message("db.get_decision")
+class DbGetDecision(Message):
+    txid: bytes
+
+
+@message("db.decision")
+class DbDecision(Message):
+    decision: str  # "commit" | "abort" | "" (none recorded)
