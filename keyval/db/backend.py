@@ -15,6 +15,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from keyval.db.records import (
+    DecisionRecord,
     MapRecord,
     OpResult,
     PreparedOp,
@@ -80,6 +81,15 @@ class Backend(Protocol):
 
     def decide(self, txid: bytes, decision: str, now_ms: int) -> str:
         """Record `decision` for `txid` unless one exists; return the recorded decision."""
+
+    def get_decision(self, txid: bytes) -> str:
+        """The recorded decision for `txid`, "" when there is none."""
+
+    def commit_decisions(
+        self, decisions: Sequence[DecisionRecord], fences: Sequence[SlotFence], now_ms: int
+    ) -> list[str]:
+        """In one transaction: record each decision unless its txid has one (storing a commit's
+        writes only when it is recorded now), and store `fences`. Returns the standing ones."""
 
 
 def open_backend(url: str | None, data_dir: Path | None) -> Backend:

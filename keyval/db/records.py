@@ -74,3 +74,13 @@ class SlotItem:
     key: bytes
     value: bytes  # CBOR
     version: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """A 2PC decision to record (first one per txid wins) and, for commit, the writes of every
+    participant, stored in the same transaction only if this decision is the one that stands."""
+
+    txid: bytes
+    decision: str
+    writes: tuple[StoredWrite, ...]

@@ -20,9 +20,13 @@ import trio
 from auth.roles import require_role
 from keyval.db.backend import Backend, StorageError
 from keyval.db.committer import CommitterStatistics, GroupCommitter
+from keyval.db.decisions import Vote, VoteCollector, check_participants
 from keyval.db.fences import FenceTable
 from keyval.db.records import (
+    DECISION_ABORT,
+    DECISION_COMMIT,
     DECISIONS,
+    DecisionRecord,
     MapRange,
     MapRecord,
     OpResult,
@@ -33,6 +37,9 @@ from keyval.grants import GRANT_KEY_BYTES, Grant, check_ranges, verify_grant
 from keyval.keys import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, NUM_SLOTS, canonical_slot
 from keyval.messages import (
     DbBatchResult,
+    DbDecide,
+    DbDecision,
+    DbGetDecision,
     DbGrantKey,
     DbGrantKeyReply,
     DbLoadMap,
@@ -43,6 +50,7 @@ from keyval.messages import (
     DbSaveMap,
     DbSlotPage,
     DbTerm,
+    DbTxnVote,
     DbWrite,
     DbWriteBatch,
 )
@@ -130,6 +138,14 @@ class _GrantSet:
 
 
 @dataclass(frozen=True)
+class _PendingDecision:
+    """A decision waiting for the committer, with the (grant, slot) fence checks a commit needs."""
+
+    record: DecisionRecord
+    fences: tuple[tuple[Grant, int], ...]
+
+
+@dataclass(frozen=True)
 class _PendingOp:
     """A validated op waiting for the committer: fence checks happen at commit time."""
 
@@ -156,6 +172,14 @@ class Database:
             max_delay_ms=batch_max_delay_ms,
             max_pending=MAX_PENDING_SUBMISSIONS,
         )
+        # 2PC decisions commit in groups of their own, under the same `_order` as write batches.
+        self._decisions: GroupCommitter[_PendingDecision, str] = GroupCommitter(
+            self._commit_decisions,
+            max_items=batch_max_ops,
+            max_delay_ms=batch_max_delay_ms,
+            max_pending=MAX_PENDING_SUBMISSIONS,
+        )
+        self._collector = VoteCollector(self._record_decision)
         self._grant_key = b""
         self._fences = FenceTable()
         self._routes: dict[type[Message], tuple[str, Callable[[PeerInfo, Any], Awaitable[Message]]]]
@@ -166,6 +190,9 @@ class Database:
             DbSaveMap: (ROLE_COMMANDER, self._save_map),
             DbLoadMap: (ROLE_COMMANDER, self._load_map),
             DbGrantKey: (ROLE_COMMANDER, self._grant_key_reply),
+            DbTxnVote: (ROLE_DRONE, self._txn_vote),
+            DbDecide: (ROLE_DRONE, self._decide_request),
+            DbGetDecision: (ROLE_DRONE, self._get_decision),
         }
 
     # ------------------------------------------------------------ life cycle
@@ -192,6 +219,7 @@ class Database:
         """The committer and the op-result expiry, until cancelled. Call `open` first."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self._committer.run)
+            await nursery.start(self._decisions.run)
             nursery.start_soon(self._purge_op_results_forever)
             task_status.started()
 
@@ -374,15 +402,88 @@ class Database:
     # ------------------------------------------------------------ 2PC decisions
 
     async def decide(self, txid: bytes, decision: str) -> str:
-        """Record `decision` for `txid` unless one exists; return the decision that stands."""
-        if not 1 <= len(txid) <= MAX_TXID_BYTES:
-            raise BadRequest(f"txid must be 1..{MAX_TXID_BYTES} bytes")
+        """Record `decision` for `txid` unless one exists; return the decision that stands.
+
+        A commit decided here carries no writes: the 2PC path decides commit only through
+        votes (db.txn_vote). This entry point is for tests and for aborts."""
+        check_txid(txid)
         if decision not in DECISIONS:
             raise BadRequest(f"decision must be one of {', '.join(DECISIONS)}")
+        return await self._collector.decide(txid, decision)
+
+    async def _txn_vote(self, peer: PeerInfo, request: DbTxnVote) -> DbDecision:
+        check_txid(request.txid)
+        participants = check_participants(request.participants, peer.name)
+        if len(request.writes) > MAX_WRITES_PER_OP:
+            raise TooLarge(f"{len(request.writes)} writes in one vote, limit {MAX_WRITES_PER_OP}")
+        writes = tuple(prepare_write(write) for write in request.writes)
+        if writes:
+            if request.grant is None:
+                raise BadRequest("a vote with writes needs the grant covering their slots")
+            verify_grant(request.grant, self._grant_key, drone=peer.name)
+        vote = Vote(request.grant, writes)
+        decision = await self._collector.vote(
+            peer.name, request.txid, participants, vote, request.wait_ms
+        )
+        return DbDecision(decision)
+
+    async def _decide_request(self, peer: PeerInfo, request: DbDecide) -> DbDecision:
+        if request.decision != DECISION_ABORT:
+            raise BadRequest("only abort can be decided directly; commit takes every vote")
+        return DbDecision(await self.decide(request.txid, request.decision))
+
+    async def _get_decision(self, peer: PeerInfo, request: DbGetDecision) -> DbDecision:
+        check_txid(request.txid)
         try:
-            return await self._call(self.backend.decide, txid, decision, self._clock_ms())
+            return DbDecision(await self._call(self.backend.get_decision, request.txid))
         except StorageError as error:
             raise storage_unavailable(error) from None
+
+    async def _record_decision(self, txid: bytes, decision: str, votes: dict[str, Vote]) -> str:
+        """Store one decision (with the voters' writes for a commit) in the next group."""
+        writes = tuple(write for vote in votes.values() for write in vote.writes)
+        if decision == DECISION_COMMIT and votes and not writes:
+            return DECISION_COMMIT  # read-only: nothing to make durable, no record needed
+        fences = tuple(
+            (vote.grant, write.slot)
+            for vote in votes.values()
+            if vote.grant is not None
+            for write in vote.writes
+        )
+        pending = _PendingDecision(DecisionRecord(txid, decision, writes), fences)
+        (standing,) = await self._decisions.submit([pending])
+        return standing
+
+    async def _commit_decisions(self, pending: list[_PendingDecision]) -> list[str]:
+        """One group of decisions: fence every commit's slots (a stale one aborts), store all."""
+        async with self._order:
+            records = [self._fenced(item) for item in pending]
+            fences = self._fences.take_pending()
+            try:
+                return await self._call(
+                    self.backend.commit_decisions, records, fences, self._clock_ms()
+                )
+            except StorageError as error:
+                self._fences.return_pending(fences)
+                logger.warning("%d 2PC decisions not stored: %s", len(records), error)
+                return [""] * len(records)
+
+    def _fenced(self, item: _PendingDecision) -> DecisionRecord:
+        record = item.record
+        if record.decision != DECISION_COMMIT:
+            return record
+        try:
+            for grant, slot in item.fences:
+                self._fences.admit(grant, slot)
+        except ServiceError as error:
+            logger.info("2PC transaction %s aborted at commit: %s", record.txid.hex(), error)
+            return DecisionRecord(record.txid, DECISION_ABORT, ())
+        return record
+
+
+def check_txid(txid: bytes) -> None:
+    if not 1 <= len(txid) <= MAX_TXID_BYTES:
+        raise BadRequest(f"txid must be 1..{MAX_TXID_BYTES} bytes")
 
 
 def prepare_op(op: DbOp) -> PreparedOp:

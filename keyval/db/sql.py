@@ -17,7 +17,9 @@ from typing import Any, TypeVar
 
 from keyval.db.backend import StorageError
 from keyval.db.records import (
+    DECISION_COMMIT,
     RESULT_OK,
+    DecisionRecord,
     MapRecord,
     OpResult,
     PreparedOp,
@@ -38,6 +40,14 @@ OP_ID_LOOKUP_CHUNK = 500
 
 # Rows fetched from a cursor at a time while filling a slot page up to its byte budget.
 READ_FETCH_ROWS = 64
+
+# Install a key's new state unless the stored row is as new or newer (versions never go back).
+_UPSERT_ITEM = (
+    "INSERT INTO kv_items (slot, key, value, version, deleted) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (slot, key) DO UPDATE SET "
+    "value = excluded.value, version = excluded.version, "
+    "deleted = excluded.deleted WHERE kv_items.version < excluded.version"
+)
 
 _META_GRANT_KEY = "grant_key"
 _META_TERM = "term"
@@ -321,6 +331,47 @@ class SqlBackend:
             )
             cursor.execute(self._sql("SELECT decision FROM kv_decisions WHERE txid = ?"), (txid,))
             return str(cursor.fetchone()[0])
+
+        return self._run("write", work)
+
+    def get_decision(self, txid: bytes) -> str:
+        def work(cursor: Any) -> str:
+            cursor.execute(self._sql("SELECT decision FROM kv_decisions WHERE txid = ?"), (txid,))
+            row = cursor.fetchone()
+            return "" if row is None else str(row[0])
+
+        return self._run("read", work)
+
+    def commit_decisions(
+        self, decisions: Sequence[DecisionRecord], fences: Sequence[SlotFence], now_ms: int
+    ) -> list[str]:
+        def work(cursor: Any) -> list[str]:
+            standing: list[str] = []
+            item_rows: list[tuple[int, bytes, bytes, int, int]] = []
+            for record in decisions:
+                cursor.execute(
+                    self._sql(
+                        "INSERT INTO kv_decisions (txid, decision, decided_ms) VALUES (?, ?, ?) "
+                        "ON CONFLICT (txid) DO NOTHING"
+                    ),
+                    (record.txid, record.decision, now_ms),
+                )
+                if cursor.rowcount == 1:  # ours is the first decision: it stands
+                    standing.append(record.decision)
+                    if record.decision == DECISION_COMMIT:
+                        item_rows.extend(
+                            (w.slot, w.key, w.value, w.version, int(w.deleted))
+                            for w in record.writes
+                        )
+                    continue
+                cursor.execute(
+                    self._sql("SELECT decision FROM kv_decisions WHERE txid = ?"), (record.txid,)
+                )
+                standing.append(str(cursor.fetchone()[0]))
+            if item_rows:
+                cursor.executemany(self._sql(_UPSERT_ITEM), item_rows)
+            self._write_fences(cursor, fences)
+            return standing
 
         return self._run("write", work)
 
