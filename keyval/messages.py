@@ -9,6 +9,7 @@ the in-memory apply, flushed behind).
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any
 
 from keyval.grants import Grant
@@ -238,6 +239,41 @@ class Heartbeat(Message):
 class HeartbeatReply(Message):
     grant: Grant  # everything this drone should hold now (may be empty)
     map_version: int
+    # Live moves: slots to hand over (freeze, drain, send Released) ...
+    release: list[int] = field(default_factory=list)
+    # ... and slots coming to this drone (send AwaitGrant to get them at once).
+    importing: list[int] = field(default_factory=list)
+
+
+@message("cmd.await_grant")
+class AwaitGrant(Message):
+    """A live move's target: answer (a HeartbeatReply) once none of `slots` is still moving
+    to this drone, or after a bounded wait."""
+
+    drone: str
+    incarnation: int
+    slots: list[int]
+
+
+@message("cmd.released")
+class Released(Message):
+    """A live move's source: `slot` (held under `epoch`) is frozen and its writes durable."""
+
+    drone: str
+    incarnation: int
+    slot: int
+    epoch: int
+
+
+@message("cmd.slot_moved")
+class SlotMoved(Message):
+    """Answer to Released: the map carrying the move is saved."""
+
+    slot: int
+    epoch: int
+    owner: str
+    address: str
+    version: int
 
 
 # ---------------------------------------------------------------- anyone -> commander
@@ -273,6 +309,11 @@ class MoveSlot(Message):
 
     slot: int
     drone: str
+
+
+@message("cmd.rebalance")
+class Rebalance(Message):
+    """Move slots so every live, non-draining drone holds its fair share. Admin role only."""
 
 
 @message("cmd.map_change")
