@@ -62,7 +62,7 @@ def _fields(cls: type[Message]) -> str:
         text = f"`{field.name}`: {type_text(hints[field.name])}"
         has_default = field.default is not dataclasses.MISSING
         if has_default or field.default_factory is not dataclasses.MISSING:
-            default = field.default if has_default else field.default_factory()  # type: ignore[misc,operator]
+            default = field.default if has_default else field.default_factory()  # type: ignore[operator]
             text += f" = `{default!r}`"
         parts.append(text)
     return ", ".join(parts) or "—"
