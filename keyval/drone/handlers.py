@@ -8,8 +8,19 @@ from typing import Any
 from auth.roles import require_role
 from keyval.drone.reads import handle_get, handle_get_many, handle_scan
 from keyval.drone.state import DroneState
+from keyval.drone.twopc import handle_txn_abort, handle_txn_prepare
 from keyval.drone.writes import handle_cas, handle_delete, handle_put, handle_txn_commit
-from keyval.messages import CompareAndSet, Delete, Get, GetMany, Put, Scan, TxnCommit
+from keyval.messages import (
+    CompareAndSet,
+    Delete,
+    Get,
+    GetMany,
+    Put,
+    Scan,
+    TxnAbort,
+    TxnCommit,
+    TxnPrepare,
+)
 from wire.channel import PeerInfo
 from wire.errors import BadRequest
 from wire.messages import Message, Ok, Ping
@@ -27,6 +38,8 @@ _KV_HANDLERS: dict[type[Message], _Handler] = {
     Delete: handle_delete,
     CompareAndSet: handle_cas,
     TxnCommit: handle_txn_commit,
+    TxnPrepare: handle_txn_prepare,
+    TxnAbort: handle_txn_abort,
 }
 
 

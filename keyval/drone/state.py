@@ -48,6 +48,7 @@ class DroneState:
 
     def __init__(self, name: str, db: DbLink, limits: Limits | None = None) -> None:
         self.name = name
+        self.db = db  # the db link; 2PC participants vote and recover over it
         self.limits = limits or Limits()
         self.table = SlotTable(name)
         self.store = SlotStore()
