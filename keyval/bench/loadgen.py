@@ -36,6 +36,10 @@ PRELOAD_BASE_TIMEOUT_S = 60.0
 PRELOAD_MIN_KEYS_PER_S = 1000.0
 GO_TIMEOUT_S = 600.0  # the parent waits for every process to be ready, then says go
 PRELOAD_TASKS = 64  # concurrent writes per process while preloading
+# A preload write that fails (the client already retried within its own deadline) is tried
+# again a few times: a cluster that has just come up may still be settling its slot map.
+PRELOAD_ATTEMPTS = 3
+PRELOAD_RETRY_PAUSE_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
 # After a failed operation a task waits this long before the next one, so a dead server
 # costs a few hundred errors per second per task instead of a hot loop.
@@ -124,7 +128,14 @@ async def preload(spec: WorkerSpec, sessions: list[Session]) -> int:
     async def writer(session: Session) -> None:
         nonlocal written
         for key, item in items:  # the tasks share one iterator: each item is written once
-            await session.put(key, item)
+            for attempt in range(1, PRELOAD_ATTEMPTS + 1):
+                try:
+                    await session.put(key, item)
+                    break
+                except OPERATION_ERRORS:
+                    if attempt == PRELOAD_ATTEMPTS:
+                        raise
+                    await trio.sleep(PRELOAD_RETRY_PAUSE_S)
             written += 1
 
     async with trio.open_nursery() as nursery:
@@ -217,7 +228,15 @@ def worker_main(spec_json: str, pipe: Connection) -> None:
     """Entry point of the process (multiprocessing target)."""
     try:
         trio.run(run_worker, WorkerSpec.from_json(spec_json), pipe)
-    except (BenchError, WireError, OSError, trio.TooSlowError, trio.BrokenResourceError) as error:
-        _send(pipe, {"kind": "error", "error": f"{type(error).__name__}: {error}"})
+    except* (BenchError, WireError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
+        _send(pipe, {"kind": "error", "error": _describe(group)})
     finally:
         pipe.close()
+
+
+def _describe(group: BaseExceptionGroup[BaseException]) -> str:
+    """The first leaf error of a (nested) group, as "Type: message"."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}"
