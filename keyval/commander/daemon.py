@@ -24,15 +24,19 @@ from keyval.commander.dblink import DbLink, Resumed
 from keyval.commander.state import CommanderState, DroneFailed, SaveMap
 from keyval.grants import Grant, sign_grant
 from keyval.messages import (
+    AwaitGrant,
     Drain,
     GetMap,
     Heartbeat,
     HeartbeatReply,
     MapChange,
     MoveSlot,
+    Rebalance,
     Register,
     Registered,
+    Released,
     SlotMap,
+    SlotMoved,
 )
 from keyval.nodeconfig import NodeOptions, write_ready_file
 from keyval.timing import FAILURE_CHECK_MS, HEARTBEAT_MS, LEASE_MS, check_timing
@@ -52,6 +56,10 @@ SAVE_RETRY_S = 0.1
 # clear error; a cluster launcher starts the db first, so it is normally there at once.
 START_TIMEOUT_S = 30.0
 START_RETRY_S = 0.2
+
+# A live move's long polls (AwaitGrant, Released) are answered after at most this long even if
+# the move is not done: well under the drones' request timeout, so a poll never looks lost.
+MOVE_POLL_MAX_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +98,7 @@ class Commander:
         self.grant_key = grant_key
         self.db = db
         self._wake = trio.Event()
+        self._map_changed = trio.Event()  # set (and replaced) after every save and failure
         self._issued_ms = 0
 
     def now(self) -> float:
@@ -108,6 +117,13 @@ class Commander:
         if isinstance(msg, MoveSlot):
             require_role(peer, "admin", action="move")
             return self._changed(self.state.move(msg.slot, msg.drone, self.now()))
+        if isinstance(msg, Rebalance):
+            require_role(peer, "admin", action="rebalance")
+            return self._changed(self.state.rebalance(self.now()))
+        if isinstance(msg, AwaitGrant):
+            return await self._await_grant(peer, msg)
+        if isinstance(msg, Released):
+            return await self._released(peer, msg)
         raise BadRequest(f"the commander does not handle {msg.TYPE}")
 
     def _register(self, peer: PeerInfo, msg: Register) -> Message:
@@ -122,8 +138,73 @@ class Commander:
     def _heartbeat(self, peer: PeerInfo, msg: Heartbeat) -> Message:
         _require_drone(peer, msg.drone)
         ranges = self.state.heartbeat(msg.drone, msg.incarnation, msg.load, self.now())
-        grant = Grant(msg.drone, self.state.term, tuple(ranges), self._next_issued_ms())
-        return HeartbeatReply(sign_grant(grant, self.grant_key), self.state.saved_version)
+        return self._grant_reply(msg.drone, ranges)
+
+    def _grant_reply(self, drone: str, ranges: list[tuple[int, int, int]]) -> HeartbeatReply:
+        grant = Grant(drone, self.state.term, tuple(ranges), self._next_issued_ms())
+        release, importing = self.state.moves_for(drone)
+        return HeartbeatReply(
+            sign_grant(grant, self.grant_key),
+            self.state.saved_version,
+            release=release,
+            importing=importing,
+        )
+
+    async def _wait_map_change(self, deadline: float) -> bool:
+        """Wait for the next save or failure; False once `deadline` passed."""
+        event = self._map_changed
+        with trio.move_on_at(deadline):
+            await event.wait()
+            return True
+        return False
+
+    async def _await_grant(self, peer: PeerInfo, msg: AwaitGrant) -> Message:
+        """A live move's target long-polls: answer with its grant once its slots arrived."""
+        _require_drone(peer, msg.drone)
+        deadline = self.now() + MOVE_POLL_MAX_S
+        self.state.target_waiting(msg.drone, msg.incarnation, msg.slots)
+        self._wake.set()
+        while True:
+            still = [
+                slot
+                for slot in msg.slots
+                if (
+                    slot in self.state.migrations
+                    and self.state.migrations[slot].target == msg.drone
+                )
+                or (
+                    self.state.working.owners[slot] == msg.drone
+                    and self.state.saved.owners[slot] != msg.drone
+                )
+            ]
+            if not still or not await self._wait_map_change(deadline):
+                break
+        record = self.state.drones.get(msg.drone)
+        load = record.load if record is not None else {}
+        ranges = self.state.heartbeat(msg.drone, msg.incarnation, load, self.now())
+        return self._grant_reply(msg.drone, ranges)
+
+    async def _released(self, peer: PeerInfo, msg: Released) -> Message:
+        """A live move's source froze and drained the slot: move it, answer once saved."""
+        _require_drone(peer, msg.drone)
+        version = self.state.released(msg.drone, msg.incarnation, msg.slot, msg.epoch, self.now())
+        self._wake.set()
+        deadline = self.now() + MOVE_POLL_MAX_S
+        while self.state.saved_version < version:
+            if not await self._wait_map_change(deadline):
+                break
+        owner = self.state.saved.owners[msg.slot]
+        return SlotMoved(
+            slot=msg.slot,
+            epoch=self.state.saved.epochs[msg.slot],
+            owner=owner,
+            address=self.state.addresses().get(owner, ""),
+            version=self.state.saved_version,
+        )
+
+    def _signal_map_change(self) -> None:
+        self._map_changed.set()
+        self._map_changed = trio.Event()
 
     def _next_issued_ms(self) -> int:
         """Strictly rising per commander, so a drone can tell a newer grant from an older."""
@@ -152,6 +233,7 @@ class Commander:
             for instruction in self.state.tick(self.now()):
                 if isinstance(instruction, DroneFailed):
                     logger.warning("drone %s failed: its lease expired", instruction.drone)
+                    self._signal_map_change()
                 elif isinstance(instruction, SaveMap):
                     await self._save(instruction)
 
@@ -167,6 +249,7 @@ class Commander:
             await trio.sleep(SAVE_RETRY_S)
             return
         self.state.map_saved(save.version, self.now())
+        self._signal_map_change()
         logger.info("map version %d saved (%d ranges)", save.version, len(save.ranges))
 
 

@@ -29,6 +29,14 @@ Start-up, resume and returning drones (the choices, as the issue asks to documen
   (a new incarnation, no slots by surprise); it only gets the fair share that rebalancing
   gives any newcomer, under new epochs.
 - A name that is live cannot register again: a second process claiming it is refused.
+
+Live moves (`move`; docs/design.md, "Live moves"): a `Migration` goes PREPARING (the target is
+told `importing` in its heartbeat reply and long-polls with AwaitGrant) -> RELEASING (the
+source is told `release`: it freezes the slot, drains its pending writes to the db, and sends
+Released) -> the map moves the slot to the target under epoch + 1 and is saved; the source
+promised not to serve the slot again, so the slot is not blocked for its lease, and the target
+gets its grant in the answer to its long poll and reseeds the slot from the db. A migration is
+dropped when either side fails or the source keeps silent past MIGRATION_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -55,6 +63,25 @@ MAX_DRONE_NAME_CHARS = 128
 # Registered drones, live or draining. Each costs a heartbeat per period; a thousand is far
 # beyond a loopback or rack cluster and bounds the commander's memory against a flood.
 MAX_DRONES = 1000
+
+
+# A live move whose source has not released the slot this long after it was asked is
+# abandoned (the slot stays where it was): many heartbeat periods, so only a stuck source hits it.
+MIGRATION_TIMEOUT_S = 5.0
+
+
+class MovePhase(enum.Enum):
+    PREPARING = "preparing"  # waiting for the target's AwaitGrant
+    RELEASING = "releasing"  # the source is told to freeze, drain and release
+
+
+@dataclass(slots=True)
+class Migration:
+    slot: int
+    source: str
+    target: str
+    started_at: float
+    phase: MovePhase = MovePhase.PREPARING
 
 
 class Phase(enum.Enum):
@@ -137,6 +164,8 @@ class CommanderState:
         self._ranges_cache: list[MapRange] | None = None
         self._incarnations = 0
         self._rebalance_pending = False
+        self.migrations: dict[int, Migration] = {}  # slot -> live move in progress
+        self._released: dict[int, str] = {}  # slot -> source that released it (no lease wait)
         self._persisted_owners = {owner for owner in self.saved.owners if owner != NO_OWNER}
         if self._persisted_owners:
             self.phase = Phase.RESUMING
@@ -200,6 +229,62 @@ class CommanderState:
             self._lease_end[drone] = now + self.expiry_s
         return ranges
 
+    def moves_for(self, drone: str) -> tuple[list[int], list[int]]:
+        """(slots `drone` must release, slots coming to it) for its heartbeat reply."""
+        release = [
+            m.slot
+            for m in self.migrations.values()
+            if m.source == drone and m.phase is MovePhase.RELEASING
+        ]
+        importing = [m.slot for m in self.migrations.values() if m.target == drone]
+        return sorted(release), sorted(importing)
+
+    def target_waiting(self, drone: str, incarnation: int, slots: list[int]) -> list[int]:
+        """The target of live moves long-polls: its moves may now ask the source to release.
+
+        Returns the slots of `slots` still moving to `drone`."""
+        self._check_incarnation(drone, incarnation)
+        moving = []
+        for slot in slots:
+            migration = self.migrations.get(slot)
+            if migration is not None and migration.target == drone:
+                migration.phase = MovePhase.RELEASING
+                moving.append(slot)
+        return moving
+
+    def released(self, drone: str, incarnation: int, slot: int, epoch: int, now: float) -> int:
+        """The source froze `slot` and drained its writes: give it to the target (epoch + 1).
+
+        Returns the map version that carries it. Raises BadRequest (nothing changes) unless
+        `drone` is this slot's releasing source under `epoch`."""
+        self._check_incarnation(drone, incarnation)
+        migration = self.migrations.get(slot)
+        if (
+            migration is None
+            or migration.source != drone
+            or migration.phase is not MovePhase.RELEASING
+        ):
+            raise BadRequest(
+                f"slot {slot} is not being released by {drone!r}", detail={"slot": slot}
+            )
+        if self.saved.owners[slot] != drone or self.saved.epochs[slot] != epoch:
+            raise BadRequest(
+                f"slot {slot} is not held by {drone!r} under epoch {epoch}", detail={"slot": slot}
+            )
+        del self.migrations[slot]
+        self._released[slot] = drone
+        self._assign(slot, migration.target)
+        return self.next_version()
+
+    def _check_incarnation(self, drone: str, incarnation: int) -> DroneRecord:
+        record = self.drones.get(drone)
+        if record is None or record.incarnation != incarnation:
+            raise NotFound(
+                f"drone {drone!r} incarnation {incarnation} is not registered here: register again",
+                detail={"drone": drone},
+            )
+        return record
+
     def grant_for(self, drone: str, now: float) -> list[GrantRange]:
         """What `drone` may hold now: its slots in the saved map, minus slots still blocked by
         a previous owner's lease. Empty until a map was saved under this term."""
@@ -240,8 +325,10 @@ class CommanderState:
         self._plan(now)
         return self.next_version()
 
-    def move(self, slot: int, drone: str, now: float) -> int:
-        """Give `slot` to `drone` (plain handover). Returns the map version of the change."""
+    def move(self, slot: int, drone: str, now: float, *, live: bool = True) -> int:
+        """Move `slot` to `drone`: live (see the module docstring), or with `live=False` a
+        plain handover (the new owner gets it once the old owner's lease surely ended). A slot
+        with no live owner is assigned at once. Returns the map version of the change."""
         if not 0 <= slot < NUM_SLOTS:
             raise BadRequest(f"slot {slot} is outside 0..{NUM_SLOTS - 1}")
         record = self._live(drone)
@@ -249,7 +336,26 @@ class CommanderState:
             raise BadRequest(f"drone {drone!r} is draining; it takes no slots")
         if self.phase is not Phase.RUNNING:
             raise Unavailable("the slot map is not assigned yet", detail={"retry_after_ms": 100})
+        if slot in self.migrations:
+            raise BadRequest(
+                f"slot {slot} is already moving to {self.migrations[slot].target!r}",
+                detail={"slot": slot},
+            )
+        source = self.working.owners[slot]
+        if source == drone:
+            return self.next_version()
+        if live and source in self.drones and self.saved.owners[slot] == source:
+            self.migrations[slot] = Migration(slot, source, drone, now)
+            return self.next_version() + 1
         self._assign(slot, drone)
+        return self.next_version()
+
+    def rebalance(self, now: float) -> int:
+        """Ask for a fair share per live drone at the next tick; returns the version."""
+        if self.phase is not Phase.RUNNING:
+            raise Unavailable("the slot map is not assigned yet", detail={"retry_after_ms": 100})
+        self._rebalance_pending = True
+        self._plan(now)
         return self.next_version()
 
     def _live(self, drone: str) -> DroneRecord:
@@ -267,6 +373,10 @@ class CommanderState:
             if now >= record.last_heartbeat_at + self.expiry_s:
                 del self.drones[record.name]
                 instructions.append(DroneFailed(record.name, record.incarnation))
+        for slot, migration in list(self.migrations.items()):
+            gone = migration.source not in self.drones or migration.target not in self.drones
+            if gone or now >= migration.started_at + MIGRATION_TIMEOUT_S:
+                del self.migrations[slot]
         for slot in [s for s, until in self._blocked_until.items() if until <= now]:
             del self._blocked_until[slot]
         self._plan(now)
@@ -286,9 +396,13 @@ class CommanderState:
         for slot in range(NUM_SLOTS):
             old = self.saved.owners[slot]
             if old != NO_OWNER and old != table.owners[slot]:
+                if self._released.get(slot) == old:
+                    continue  # the old owner released it: it serves it no more
                 until = self._lease_end.get(old, -math.inf)
                 if until > now:
                     self._blocked_until[slot] = max(self._blocked_until.get(slot, until), until)
+        for slot in [s for s, old in self._released.items() if table.owners[s] != old]:
+            del self._released[slot]
         self.saved = table
         self.saved_version = version
         self._saved_by_us = True

@@ -17,6 +17,7 @@ import trio
 
 from keyval.client.config import Endpoint
 from keyval.drone.links import Dialer, ServiceLink
+from keyval.drone.migrate import Migrator
 from keyval.drone.reseed import Reseeder
 from keyval.drone.state import DroneState
 from keyval.messages import (
@@ -62,6 +63,8 @@ class Heartbeater:
         self.lease_ms = 0
         self.map_version = 0
         self.heartbeats_sent = 0
+        self._refreshing = False
+        self.migrator = Migrator(state, reseeder, self)
 
     @property
     def link(self) -> ServiceLink:
@@ -129,12 +132,20 @@ class Heartbeater:
         reply = await self.link.request(request, timeout=self.lease_ms / 1000)
         if not isinstance(reply, HeartbeatReply):
             raise Internal(f"commander answered a heartbeat with {reply.TYPE}")
+        self.take_reply(reply, sent_at, nursery)
+
+    def take_reply(self, reply: HeartbeatReply, sent_at: float, nursery: trio.Nursery) -> None:
+        """Apply a grant (from a heartbeat or a live move's long poll) sent at `sent_at`."""
         instructions = self.state.table.apply_grant(
             reply.grant, sent_at=sent_at, lease_ms=self.lease_ms
         )
         self.reseeder.carry_out(instructions, nursery)
-        if reply.map_version != self.map_version:
-            await self._refresh_owners(reply.map_version)
+        self.migrator.on_reply(reply, nursery)
+        if reply.map_version != self.map_version and not self._refreshing:
+            # In the background: a slow map fetch must never delay the next heartbeat (a
+            # missed lease costs the drone every slot).
+            self._refreshing = True
+            nursery.start_soon(self._refresh_owners, reply.map_version)
 
     async def _refresh_owners(self, version: int) -> None:
         """Learn who owns the slots this drone does not, for MOVED replies (best effort)."""
@@ -143,6 +154,8 @@ class Heartbeater:
         except ServiceError as error:
             log.info("cannot fetch the slot map: %s", error.message)
             return
+        finally:
+            self._refreshing = False
         if not isinstance(reply, SlotMap):
             return
         for first, last, drone, epoch in reply.ranges:

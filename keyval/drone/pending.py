@@ -43,6 +43,10 @@ class PendingWrites:
     def is_pending(self, slot: int, key: bytes) -> bool:
         return (slot, key) in self._keys
 
+    def keys_in_slot(self, slot: int) -> list[tuple[int, bytes]]:
+        """Keys of `slot` with a pending write (a live move drains them before handing over)."""
+        return [key for key in self._keys if key[0] == slot]
+
     def add(self, keys: Iterable[tuple[int, bytes]]) -> None:
         for key in keys:
             entry = self._keys.get(key)

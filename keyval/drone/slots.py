@@ -24,10 +24,15 @@ from wire.errors import BadRequest, Moved, Unauthorized, Unavailable
 # one heartbeat, the time it takes for either to change.
 DEFAULT_RETRY_AFTER_MS = 100
 
+# What a client is told to wait for a slot frozen by a live move: the handover takes a few
+# milliseconds (drain, one map save), then the slot answers MOVED to its new owner.
+RELEASING_RETRY_AFTER_MS = 5
+
 
 class SlotStatus(enum.Enum):
     LOADING = "loading"  # granted, being streamed from the db
     READY = "ready"  # granted and loaded: served while the lease is valid
+    RELEASING = "releasing"  # a live move's source: frozen while its writes drain
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +70,7 @@ class SlotTable:
         self._held: dict[int, _Held] = {}
         self._last_epoch: dict[int, int] = {}  # slot -> newest epoch seen, for MOVED detail
         self._owners: dict[int, tuple[str, str]] = {}  # slot -> (owner, address) hints
+        self._released: dict[int, int] = {}  # slot -> epoch handed over by a live move
 
     # ------------------------------------------------------------ stimuli
 
@@ -81,11 +87,20 @@ class SlotTable:
             raise BadRequest(f"lease_ms must be positive, got {lease_ms}")
         if self.grant is not None and grant.term < self.grant.term:
             return []  # a late reply from a deposed commander: neither renews nor changes
+        lease_s = drone_lease_ms(lease_ms) / 1000
+        if (
+            self.grant is not None
+            and grant.term == self.grant.term
+            and grant.issued_ms < self.grant.issued_ms
+        ):
+            # Overtaken by a newer grant (a heartbeat and a live move's long poll race): it
+            # still renews the lease it was issued with, but changes no slot.
+            self.lease_expires_at = max(self.lease_expires_at, sent_at + lease_s)
+            return []
         instructions: list[Instruction] = []
         if self.grant is None or grant.ranges != self.grant.ranges:
             instructions = self._diff(grant)
         self.grant = grant
-        lease_s = drone_lease_ms(lease_ms) / 1000
         self.lease_expires_at = max(self.lease_expires_at, sent_at + lease_s)
         return instructions
 
@@ -98,8 +113,12 @@ class SlotTable:
             if wanted.get(slot) != self._held[slot].epoch:
                 del self._held[slot]
                 instructions.append(Drop(slot))
+        for slot in [s for s, epoch in self._released.items() if wanted.get(s) != epoch]:
+            del self._released[slot]  # the grant caught up with the handover
         for slot, epoch in sorted(wanted.items()):
             self._last_epoch[slot] = max(epoch, self._last_epoch.get(slot, 0))
+            if self._released.get(slot) == epoch:
+                continue  # handed over under this epoch: never served again
             if slot not in self._held:
                 self._held[slot] = _Held(epoch, SlotStatus.LOADING)
                 instructions.append(Reseed(slot, epoch))
@@ -112,6 +131,30 @@ class SlotTable:
         if held is None or held.epoch != epoch:
             return False
         held.status = SlotStatus.READY
+        return True
+
+    def begin_release(self, slot: int) -> int | None:
+        """A live move's source: freeze a loaded slot. Its epoch, or None if not READY."""
+        held = self._held.get(slot)
+        if held is None or held.status is not SlotStatus.READY:
+            return None
+        held.status = SlotStatus.RELEASING
+        return held.epoch
+
+    def cancel_release(self, slot: int, epoch: int) -> None:
+        """The commander refused the release: serve the slot again."""
+        held = self._held.get(slot)
+        if held is not None and held.epoch == epoch and held.status is SlotStatus.RELEASING:
+            held.status = SlotStatus.READY
+
+    def finish_release(self, slot: int, epoch: int) -> bool:
+        """The slot under `epoch` is handed over: never serve it again under that epoch.
+        True if it was held (the caller drops its data)."""
+        self._released[slot] = epoch
+        held = self._held.get(slot)
+        if held is None or held.epoch != epoch:
+            return False
+        del self._held[slot]
         return True
 
     def note_owner(self, slot: int, owner: str, address: str, epoch: int) -> None:
@@ -164,6 +207,11 @@ class SlotTable:
             raise Unavailable(
                 f"slot {slot} is still loading on {self.drone}",
                 detail={"retry_after_ms": self.retry_after_ms, "slot": slot},
+            )
+        if self._held[slot].status is SlotStatus.RELEASING:
+            raise Unavailable(
+                f"slot {slot} is moving away from {self.drone}",
+                detail={"retry_after_ms": RELEASING_RETRY_AFTER_MS, "slot": slot},
             )
         return epoch
 

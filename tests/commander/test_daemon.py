@@ -20,15 +20,19 @@ from keyval import net
 from keyval.commander import run_commander
 from keyval.grants import NUM_SLOTS, Grant
 from keyval.messages import (
+    AwaitGrant,
     Drain,
     GetMap,
     Heartbeat,
     HeartbeatReply,
     MapChange,
     MoveSlot,
+    Rebalance,
     Register,
     Registered,
+    Released,
     SlotMap,
+    SlotMoved,
 )
 from keyval.nodeconfig import NodeOptions
 from keyval.timing import drone_lease_ms
@@ -112,12 +116,15 @@ class DroneClient:
         self.incarnation = reply.incarnation
 
     async def beat(self) -> Grant:
+        return (await self.beat_reply()).grant
+
+    async def beat_reply(self) -> HeartbeatReply:
         sent_at = trio.current_time()
         reply = await self.connection.request(Heartbeat(self.name, self.incarnation, {}, []))
         assert isinstance(reply, HeartbeatReply)
         assert reply.grant.drone == self.name
         self.grants.append((sent_at, reply.grant))
-        return reply.grant
+        return reply
 
     async def beat_until(self, slots: int) -> Grant:
         with trio.fail_after(WAIT_S):
@@ -192,7 +199,7 @@ async def test_bad_input_is_refused_with_clear_errors(cluster: Cluster) -> None:
     assert isinstance(reply, SlotMap) and reply.ranges == [(0, NUM_SLOTS - 1, "drone-1", 1)]
 
 
-async def test_admin_move_hands_the_slot_over_after_the_old_lease(cluster: Cluster) -> None:
+async def test_admin_live_move_hands_the_slot_over_on_release(cluster: Cluster) -> None:
     one = DroneClient(await cluster.connect("drone-1"), "drone-1")
     two = DroneClient(await cluster.connect("drone-2"), "drone-2")
     await one.register()
@@ -201,11 +208,62 @@ async def test_admin_move_hands_the_slot_over_after_the_old_lease(cluster: Clust
     with trio.fail_after(WAIT_S):
         while (await one.beat()).slots() + (await two.beat()).slots() != NUM_SLOTS:
             await trio.sleep(0.05)
+    epoch = (await one.beat()).epoch_of(0)
+    assert epoch is not None
+    with pytest.raises(BadRequest, match="not being released"):
+        await one.connection.request(Released("drone-1", one.incarnation, 0, epoch))
+
     change = await admin.request(MoveSlot(0, "drone-2"))
     assert isinstance(change, MapChange) and change.version >= 2
+    with pytest.raises(BadRequest, match="already moving"):
+        await admin.request(MoveSlot(0, "drone-2"))
+    assert (await two.beat_reply()).importing == [0]
+    granted: list[Grant] = []
+
+    async def await_grant() -> None:
+        reply = await two.connection.request(AwaitGrant("drone-2", two.incarnation, [0]))
+        assert isinstance(reply, HeartbeatReply)
+        granted.append(reply.grant)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(await_grant)
+        with trio.fail_after(WAIT_S):
+            while (await one.beat_reply()).release != [0]:
+                await trio.sleep(0.01)
+        assert (await one.beat()).epoch_of(0) == epoch  # still the source's until it releases
+        with pytest.raises(BadRequest, match="under epoch"):
+            await one.connection.request(Released("drone-1", one.incarnation, 0, epoch + 5))
+        released_at = trio.current_time()
+        moved = await one.connection.request(Released("drone-1", one.incarnation, 0, epoch))
+    handover_s = trio.current_time() - released_at
+    assert isinstance(moved, SlotMoved)
+    assert (moved.slot, moved.owner, moved.epoch) == (0, "drone-2", epoch + 1)
+    assert granted and granted[0].epoch_of(0) == epoch + 1  # no wait for drone-1's lease
+    assert handover_s < 1.0
+    assert (await one.beat()).epoch_of(0) is None
+    reply = await admin.request(GetMap())
+    assert isinstance(reply, SlotMap) and reply.ranges[0] == (0, 0, "drone-2", epoch + 1)
+
+
+async def test_rebalance_and_drain_by_admin(cluster: Cluster) -> None:
+    one = DroneClient(await cluster.connect("drone-1"), "drone-1")
+    await one.register()
+    await one.beat_until(NUM_SLOTS)
+    admin = await cluster.connect("admin")
+    assert isinstance(await admin.request(Rebalance()), MapChange)
+    two = DroneClient(await cluster.connect("drone-2"), "drone-2")
+    await two.register()
     with trio.fail_after(WAIT_S):
-        while (await two.beat()).epoch_of(0) is None:
+        while (await two.beat()).slots() != NUM_SLOTS // 2:
             await one.beat()
             await trio.sleep(0.05)
-    assert (await one.beat()).epoch_of(0) is None
+    assert isinstance(await admin.request(Drain("drone-2")), MapChange)
+    with trio.fail_after(WAIT_S):
+        while (await one.beat()).slots() != NUM_SLOTS:
+            await two.beat()
+            await trio.sleep(0.05)
+    assert (await two.beat()).slots() == 0
     assert_never_two_owners(one, two)
+    client = await cluster.connect("client")
+    with pytest.raises(Unauthorized, match="role admin"):
+        await client.request(Rebalance())

@@ -124,7 +124,7 @@ def test_returning_failed_drone_is_new_and_gets_only_a_rebalanced_share() -> Non
 def test_new_owner_is_not_granted_a_moved_slot_until_the_old_lease_ended() -> None:
     state, incs = start(2)
     beat_all(state, incs, 1.0)  # drone-1 holds slot 0 with a lease until 1.0 + EXPIRY_S
-    version = state.move(0, "drone-2", 1.1)
+    version = state.move(0, "drone-2", 1.1, live=False)
     [save] = save_all(state, 1.1)
     assert save.version == version == 2
     assert (0, 0, "drone-2", 2) in save.ranges
@@ -137,7 +137,7 @@ def test_new_owner_is_not_granted_a_moved_slot_until_the_old_lease_ended() -> No
 
 def test_a_slot_moving_while_its_save_is_in_flight_keeps_the_latest_lease() -> None:
     state, incs = start(2)
-    state.move(0, "drone-2", 0.1)
+    state.move(0, "drone-2", 0.1, live=False)
     [save] = [i for i in state.tick(0.1) if isinstance(i, SaveMap)]
     state.heartbeat("drone-1", incs["drone-1"], {}, 0.3)  # still granted slot 0 by the old map
     state.map_saved(save.version, 0.4)
@@ -233,3 +233,63 @@ def test_unowned_slots_have_no_grant_and_map_has_gaps() -> None:
     one = state.register("drone-1", "127.0.0.1:1", 0, 0.0).incarnation
     save_all(state, 0.0)
     assert slot_count(state.heartbeat("drone-1", one, {}, 0.1)) == NUM_SLOTS
+
+
+def test_live_move_goes_target_waiting_then_source_release_without_a_lease_wait() -> None:
+    state, incs = start(2)
+    beat_all(state, incs, 1.0)
+    version = state.move(0, "drone-2", 1.0)
+    assert save_all(state, 1.0) == []  # nothing moves before the source released
+    assert state.moves_for("drone-2") == ([], [0])
+    assert state.moves_for("drone-1") == ([], [])  # the source waits for the target's poll
+    assert state.target_waiting("drone-2", incs["drone-2"], [0, 5]) == [0]
+    assert state.moves_for("drone-1") == ([0], [])
+    assert state.heartbeat("drone-1", incs["drone-1"], {}, 1.1)[0] == (0, NUM_SLOTS // 2 - 1, 1)
+    with pytest.raises(BadRequest, match="under epoch"):
+        state.released("drone-1", incs["drone-1"], 0, 7, 1.1)
+    with pytest.raises(BadRequest, match="not being released"):
+        state.released("drone-2", incs["drone-2"], 0, 1, 1.1)
+    with pytest.raises(NotFound):
+        state.released("drone-1", incs["drone-1"] + 1, 0, 1, 1.1)
+    assert state.released("drone-1", incs["drone-1"], 0, 1, 1.1) <= version
+    [save] = save_all(state, 1.1)
+    assert (0, 0, "drone-2", 2) in save.ranges
+    assert state.heartbeat("drone-2", incs["drone-2"], {}, 1.1)[0] == (0, 0, 2)  # at once
+    assert state.heartbeat("drone-1", incs["drone-1"], {}, 1.1)[0][0] == 1
+    assert state.migrations == {}
+
+
+def test_live_move_is_dropped_when_a_side_fails_or_the_source_stays_silent() -> None:
+    state, incs = start(3)
+    beat_all(state, incs, 1.0)
+    state.move(0, "drone-2", 1.0)
+    state.move(1, "drone-3", 1.0)
+    state.heartbeat("drone-1", incs["drone-1"], {}, 1.0 + EXPIRY_S)
+    state.heartbeat("drone-3", incs["drone-3"], {}, 1.0 + EXPIRY_S)
+    state.tick(1.0 + EXPIRY_S + 0.01)  # drone-2 (the target of slot 0) failed
+    assert list(state.migrations) == [1]
+    for at in (2.0, 3.0, 4.0, 5.0, 6.5):
+        state.heartbeat("drone-1", incs["drone-1"], {}, at)
+        state.heartbeat("drone-3", incs["drone-3"], {}, at)
+        state.tick(at)
+    state.tick(7.0)
+    assert state.migrations == {}
+    with pytest.raises(BadRequest, match="not being released"):
+        state.released("drone-1", incs["drone-1"], 1, 1, 7.0)
+
+
+def test_move_and_rebalance_refuse_bad_input_and_change_nothing() -> None:
+    state, _ = start(2)
+    before = state.working.copy()
+    with pytest.raises(NotFound, match="no live drone"):
+        state.move(0, "drone-9", 0.1)
+    with pytest.raises(BadRequest, match="outside"):
+        state.move(NUM_SLOTS, "drone-2", 0.1)
+    state.move(0, "drone-2", 0.1)
+    with pytest.raises(BadRequest, match="already moving"):
+        state.move(0, "drone-1", 0.1)
+    assert state.move(1, "drone-1", 0.1) == state.saved_version  # already its owner
+    assert state.working.owners == before.owners and state.working.epochs == before.epochs
+    waiting = CommanderState(name="commander-1", term=1, now=0.0, expect_drones=2)
+    with pytest.raises(Unavailable):
+        waiting.rebalance(0.0)
