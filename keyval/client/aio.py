@@ -19,6 +19,7 @@ from keyval.client.policy import Attempts, RetryPolicy
 from keyval.client.router import Router
 from keyval.client.routing import Route
 from keyval.client.scanning import Item, ScanCursor
+from keyval.client.twopc import DEFAULT_TIME_BOUND_MS
 from keyval.client.txn import ABSENT, OP_ID_BYTES, AsyncTransaction, Entry
 from keyval.keys import key_slot
 from keyval.messages import (
@@ -200,9 +201,12 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ transactions
 
-    def transaction(self, *, ack: str | None = None) -> AsyncTransaction:
+    def transaction(
+        self, *, ack: str | None = None, time_bound_ms: int = DEFAULT_TIME_BOUND_MS
+    ) -> AsyncTransaction:
+        """A transaction; it must commit within `time_bound_ms` of its first operation."""
         self._check_open()
-        return AsyncTransaction(self._router, self._ack(ack))
+        return AsyncTransaction(self._router, self._ack(ack), time_bound_ms=time_bound_ms)
 
     async def transact(
         self,

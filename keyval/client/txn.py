@@ -2,8 +2,8 @@
 
 `TxnBuffer` is the pure bookkeeping (no I/O): the read set, the buffered writes in order, and
 read-your-writes lookups. `AsyncTransaction` adds the network: reads go to the key's owner,
-commit sends one `kv.txn_commit` to the drone that owns every key. Keys on several drones are
-refused with `CrossDroneTransaction` (read-only ones too: see that error's docstring).
+commit sends one `kv.txn_commit` when one drone owns every key, and runs two-phase commit
+(keyval.client.twopc) when they live on several drones, read-only transactions included.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from typing import Any, NamedTuple
 import trio
 
 from keyval.client.checks import admit_key, admit_value
-from keyval.client.errors import CrossDroneTransaction, TransactionFinished
+from keyval.client.errors import TransactionFinished
 from keyval.client.policy import Attempts
 from keyval.client.router import Router
 from keyval.client.routing import Route
+from keyval.client.twopc import DEFAULT_TIME_BOUND_MS, TransactionTooOld, commit_across
 from keyval.keys import key_slot
 from keyval.messages import Committed, Get, TxnCommit, ValueReply
-from wire.errors import Internal, TooLarge
+from wire.errors import Conflict, Internal, TooLarge
 from wire.messages import Key
 
 OP_ID_BYTES = 16  # 128 random bits: a collision between two clients' op ids is not a concern
@@ -109,12 +110,19 @@ class _State(enum.Enum):
 class AsyncTransaction:
     """`async with client.transaction() as tx:` — commits when the block ends without error."""
 
-    def __init__(self, router: Router, ack: str) -> None:
+    def __init__(
+        self, router: Router, ack: str, *, time_bound_ms: int = DEFAULT_TIME_BOUND_MS
+    ) -> None:
+        if time_bound_ms <= 0:
+            raise ValueError("time_bound_ms must be positive")
         self._router = router
         self._ack = ack
         self._buffer = TxnBuffer()
-        self._drone: str | None = None  # the one drone every key so far lives on
         self._state = _State.OPEN
+        # The bound runs from the first operation (on the trio loop: the blocking client builds
+        # transactions in its own thread); the commit must be decided before it ends.
+        self._time_bound_s = time_bound_ms / 1000
+        self._deadline: float | None = None
         self.versions: list[int] = []  # after commit: the new version of each write, in order
 
     async def __aenter__(self) -> AsyncTransaction:
@@ -131,26 +139,13 @@ class AsyncTransaction:
         else:
             self._state = _State.FAILED  # nothing was sent; dropping the buffer is the abort
 
-    def _check_open(self) -> None:
+    def _check_open(self) -> float:
+        """Raise unless open; the deadline of the transaction's time bound (trio clock)."""
         if self._state is not _State.OPEN:
             raise TransactionFinished(f"this transaction is already {self._state.value}")
-
-    async def _check_drone(self, key: Key) -> Route:
-        attempts = self._router.start()
-        route = await self._router.route(key_slot(key), attempts)
-        if self._drone is None:
-            self._drone = route.drone
-        elif route.drone != self._drone:
-            self._fail_cross(route.drone)
-        return route
-
-    def _fail_cross(self, other: str) -> None:
-        self._state = _State.FAILED
-        raise CrossDroneTransaction(
-            f"transaction keys live on drones {self._drone} and {other}; cross-drone "
-            "transactions are not supported yet (use {tag} keys to keep them together)",
-            detail={"drones": sorted({self._drone or "", other})},
-        )
+        if self._deadline is None:
+            self._deadline = trio.current_time() + self._time_bound_s
+        return self._deadline
 
     async def get(self, key: Key, default: Any = None) -> Any:
         entry = await self.get_entry(key)
@@ -163,7 +158,6 @@ class AsyncTransaction:
         known = self._buffer.lookup(canonical)
         if known is not None:
             return known
-        await self._check_drone(key)
         reply = await self._router.call(key_slot(key), Get(key=key))
         if not isinstance(reply, ValueReply):
             raise Internal(f"a drone answered kv.get with {reply.TYPE}")
@@ -175,23 +169,38 @@ class AsyncTransaction:
         self._check_open()
         canonical = admit_key(key)
         admit_value(value)
-        await self._check_drone(key)
         self._buffer.put(canonical, key, value)
 
     async def delete(self, key: Key) -> None:
         self._check_open()
         canonical = admit_key(key)
-        await self._check_drone(key)
         self._buffer.delete(canonical, key)
 
     async def commit(self) -> list[int]:
-        """Validate the reads and apply the writes on the owning drone; raise Conflict if not."""
-        self._check_open()
+        """Validate the reads and apply the writes on the owning drone(s); Conflict if not.
+
+        One owning drone: one kv.txn_commit. Several: two-phase commit, always durable."""
+        deadline = self._check_open()
         if self._buffer.empty:
             self._state = _State.COMMITTED
             return []
         request = self._buffer.commit_message(os.urandom(OP_ID_BYTES), self._ack)
-        keys = list(self._buffer.keys().values())
+        try:
+            if trio.current_time() >= deadline:
+                raise TransactionTooOld("the transaction's time bound passed before it committed")
+            versions = await commit_across(self._router, request.reads, request.writes, deadline)
+            if versions is None:
+                versions = await self._commit_on_one(request)
+        except BaseException:
+            if self._state is _State.OPEN:
+                self._state = _State.FAILED
+            raise
+        self._state = _State.COMMITTED
+        self.versions = versions
+        return self.versions
+
+    async def _commit_on_one(self, request: TxnCommit) -> list[int]:
+        keys = [key for key, _ in request.reads] + [key for key, _, _ in request.writes]
         ask: list[Route | None] = [None]
 
         async def once(attempts: Attempts) -> Committed:
@@ -203,27 +212,21 @@ class AsyncTransaction:
                 raise Internal(f"a drone answered kv.txn_commit with {reply.TYPE}")
             return reply
 
-        try:
-            reply = await self._router.retrying(
-                self._router.start(), once, on_ask=lambda route: ask.__setitem__(0, route)
-            )
-        except BaseException:
-            if self._state is _State.OPEN:
-                self._state = _State.FAILED
-            raise
-        self._state = _State.COMMITTED
-        self.versions = list(reply.versions)
-        return self.versions
+        reply = await self._router.retrying(
+            self._router.start(), once, on_ask=lambda route: ask.__setitem__(0, route)
+        )
+        return list(reply.versions)
 
     async def _commit_route(self, keys: list[Key], attempts: Attempts) -> Route:
         routes = {}
         for key in keys:
             route = await self._router.route(key_slot(key), attempts)
             routes[route.drone] = route
-        if len(routes) > 1:
-            names = sorted(routes)
-            self._drone = names[0]
-            self._fail_cross(names[1])
+        if len(routes) > 1:  # a slot moved meanwhile: fail this try; the caller re-runs
+            raise Conflict(
+                "the transaction's keys moved onto several drones while it committed",
+                detail={"drones": sorted(routes)},
+            )
         return next(iter(routes.values()))
 
 

@@ -6,13 +6,13 @@ import trio.testing
 
 import keyval
 from keyval.client.aio import AsyncClient
-from keyval.client.errors import CrossDroneTransaction, TooManyConflicts, TransactionFinished
+from keyval.client.errors import TooManyConflicts, TransactionFinished
 from keyval.client.txn import AsyncTransaction, Entry, TxnBuffer
 from keyval.keys import canonical_key
-from keyval.messages import TxnCommit
+from keyval.messages import TxnCommit, TxnPrepare
 from tests.client.fakes import FakeCluster
 from tests.client.test_client import keys_on_each_drone
-from wire.errors import Conflict, TooLarge
+from wire.errors import BadRequest, Conflict, TooLarge
 
 
 def commits(cluster: FakeCluster) -> list[TxnCommit]:
@@ -100,23 +100,35 @@ async def test_a_committed_transaction_cannot_be_reused(kv: AsyncClient) -> None
         await tx.put("{r}x", 2)
 
 
-async def test_keys_on_two_drones_are_refused(kv: AsyncClient, cluster: FakeCluster) -> None:
+def prepares(cluster: FakeCluster) -> list[TxnPrepare]:
+    return [m for d in cluster.drones.values() for m in d.requests if isinstance(m, TxnPrepare)]
+
+
+async def test_keys_on_two_drones_go_to_two_phase_commit(
+    kv: AsyncClient, cluster: FakeCluster
+) -> None:
+    # The fake drones do not speak 2PC (tests/twopc runs it against real drones): each
+    # refuses kv.txn_prepare, and the refusal reaches the caller with nothing committed.
     one, two = keys_on_each_drone(cluster)
-    with pytest.raises(CrossDroneTransaction):
+    with pytest.raises(BadRequest):
         async with kv.transaction() as tx:
             await tx.put(one, 1)
             await tx.put(two, 2)
+    sent = prepares(cluster)
     assert commits(cluster) == []
+    assert len(sent) == 2 and len({m.txid for m in sent}) == 1
+    assert len({tuple(m.participants) for m in sent}) == 1 and len(sent[0].participants) == 2
 
 
-async def test_read_only_transactions_on_two_drones_are_refused_too(
+async def test_read_only_transactions_on_two_drones_are_prepared_too(
     kv: AsyncClient, cluster: FakeCluster
 ) -> None:
     one, two = keys_on_each_drone(cluster)
-    with pytest.raises(CrossDroneTransaction):
+    with pytest.raises(BadRequest):
         async with kv.transaction() as tx:
             await tx.get(one)
             await tx.get(two)
+    assert sorted(len(m.reads) for m in prepares(cluster)) == [1, 1]
 
 
 async def test_transact_reruns_the_function_on_conflict(
