@@ -42,6 +42,7 @@ class BenchOptions:
     workdir: Path | None
     backend: str | None
     redis_benchmark: bool
+    profile: bool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-redis-benchmark", action="store_true", help="skip the redis-benchmark upper bound"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the first drone with py-spy over the measured window (pip install py-spy)",
+    )
     return parser
 
 
@@ -143,6 +149,7 @@ def check_options(args: argparse.Namespace) -> BenchOptions:
         workdir=args.dir,
         backend=args.backend,
         redis_benchmark=not args.no_redis_benchmark,
+        profile=args.profile,
     )
 
 

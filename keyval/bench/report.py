@@ -264,7 +264,15 @@ def render_markdown(data: dict[str, Any], analysis: str) -> str:
     parts += ["", "## Memory", ""]
     rows = [memory_cells(row) for row in data["memory"]]
     parts.append(markdown_table(MEMORY_HEADER, rows) if rows else "(no runs yet)")
-    parts += ["", "## Where the time goes", "", ANALYSIS_START, analysis, ANALYSIS_END, ""]
+    parts += ["", "## Where the time goes", ""]
+    for row in data["throughput"]:
+        if isinstance(row.get("drone_profile"), list):
+            parts.append(
+                f"py-spy profile of drone-1 under `{row['workload']}`, "
+                f"{row['connections']} x {row['pipeline']} (`--profile`):"
+            )
+            parts += ["", "```", *map(str, row["drone_profile"]), "```", ""]
+    parts += [ANALYSIS_START, analysis, ANALYSIS_END, ""]
     # "-->" may only occur inside a JSON string, where "\u003e" is the same character.
     block = json.dumps(data, indent=1, sort_keys=True).replace("-->", "--\\u003e")
     parts += [DATA_START, block, DATA_END, ""]

@@ -16,6 +16,7 @@ from keyval.bench.errors import BenchError
 from keyval.bench.fanout import LoadResult, run_load, worker_specs
 from keyval.bench.options import BenchOptions
 from keyval.bench.proc import ServerProcess, cpu_delta_by_role, cpu_snapshot, rss_bytes
+from keyval.bench.profile import Profiler, ProfilerMissing
 from keyval.bench.redisserver import (
     REDIS_BENCHMARK_TESTS,
     RedisMissing,
@@ -111,7 +112,7 @@ def _cpu_hook(processes: list[ServerProcess]) -> Callable[[str], dict[str, Any]]
     return hook
 
 
-def run_keyval(options: BenchOptions, handle: ClusterHandle) -> Row:
+def run_keyval(options: BenchOptions, handle: ClusterHandle, outcome: Outcome) -> Row:
     specs = worker_specs(
         target="keyval",
         workload=options.workload,
@@ -123,13 +124,36 @@ def run_keyval(options: BenchOptions, handle: ClusterHandle) -> Row:
         preload=options.workload in PRELOADED,
         config=str(handle.client_config),
     )
-    result = run_load(
-        specs,
-        warmup_s=options.warmup_s,
-        seconds=options.seconds,
-        on_window=_cpu_hook(handle.processes()),
-    )
-    return _row(options, "keyval", result)
+    cpu_hook = _cpu_hook(handle.processes())
+    profiler = _profiler(options, handle, outcome)
+
+    def hook(edge: str) -> dict[str, Any]:
+        if profiler is not None and edge == "start":
+            profiler.start(options.seconds)
+        return cpu_hook(edge)
+
+    result = run_load(specs, warmup_s=options.warmup_s, seconds=options.seconds, on_window=hook)
+    row = _row(options, "keyval", result)
+    if profiler is not None:
+        try:
+            summary = profiler.finish()
+        except BenchError as error:
+            outcome.notes.append(f"profile: {error}")
+        else:
+            row["drone_profile"] = summary.lines()
+            outcome.notes += ["profile of drone-1 over the measured window:", *summary.lines()]
+    return row
+
+
+def _profiler(options: BenchOptions, handle: ClusterHandle, outcome: Outcome) -> Profiler | None:
+    if not options.profile:
+        return None
+    drone = handle.drones()[0]
+    try:
+        return Profiler(drone.pid, handle.root / f"profile-{drone.name}.txt")
+    except ProfilerMissing as error:
+        outcome.notes.append(f"profile: {error}")
+        return None
 
 
 def run_redis(options: BenchOptions, folder: Path, outcome: Outcome) -> list[Row]:
@@ -205,12 +229,12 @@ def run_throughput(options: BenchOptions) -> Outcome:
     outcome = Outcome()
     with work_folder(options) as folder:
         if options.attach is not None:
-            keyval_row = run_keyval(options, attach(options.attach))
+            keyval_row = run_keyval(options, attach(options.attach), outcome)
         else:
             with local_cluster(
                 folder / "cluster", drones=options.drones, backend=options.backend
             ) as handle:
-                keyval_row = run_keyval(options, handle)
+                keyval_row = run_keyval(options, handle, outcome)
         outcome.throughput.append(keyval_row)
         for system in options.versus:
             if system == "redis":

@@ -21,6 +21,7 @@ from keyval.bench.errors import (
 from keyval.bench.fanout import share
 from keyval.bench.options import parse_options
 from keyval.bench.proc import cpu_seconds, load_nodes, rss_bytes
+from keyval.bench.profile import summarize
 from keyval.bench.redisserver import parse_redis_benchmark_csv
 from keyval.bench.report import render_markdown, update_markdown
 from keyval.bench.resp import NEED_DATA, RespError, RespParser, encode_command
@@ -323,3 +324,22 @@ def test_data_block_survives_a_comment_end_in_a_string() -> None:
     block = text[text.index("<!-- bench-data") + len("<!-- bench-data") :]
     data = json.loads(block[: block.index("-->")])
     assert data["throughput"][0]["errors"] == {"Odd-->Name": 1}
+
+
+# ------------------------------------------------------------------ py-spy output
+
+
+def test_profile_summary_of_collapsed_stacks() -> None:
+    raw = "main;serve;decode 30\nmain;serve;seal 10\nmain;idle 60\n\n"
+    summary = summarize(raw, top=2)
+    assert summary.samples == 100
+    assert summary.self_top == [("idle", 60.0), ("decode", 30.0)]
+    assert summary.total_top == [("main", 100.0), ("idle", 60.0)]
+    assert summary.lines()[0] == "100 samples; top frames by self time:"
+    assert summarize("").samples == 0
+
+
+@pytest.mark.parametrize("raw", ["main;serve", "main;serve x", " 12"])
+def test_malformed_profile_output_is_refused(raw: str) -> None:
+    with pytest.raises(BenchError, match="py-spy output"):
+        summarize(raw)

@@ -1,0 +1,97 @@
+"""A py-spy profile of one server process over the measured window (`--profile`).
+
+py-spy (`pip install py-spy`, not a keyval dependency) samples the process from outside;
+its "raw" output is one line per distinct stack, `frame;frame;...;leaf count`. The summary is
+the frames holding the most samples: by self time (the leaf) and by total time (anywhere on
+the stack).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from keyval.bench.errors import BenchError
+
+SAMPLE_RATE_HZ = 200  # py-spy's default is 100; the windows are short
+TOP_FRAMES = 15  # lines of each summary
+FINISH_GRACE_S = 30.0  # py-spy writes its file after the duration; give it this long
+
+
+class ProfilerMissing(BenchError):
+    """py-spy is not installed: the profile is skipped."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSummary:
+    samples: int
+    self_top: list[tuple[str, float]]  # (frame, percent of samples)
+    total_top: list[tuple[str, float]]
+
+    def lines(self) -> list[str]:
+        out = [f"{self.samples} samples; top frames by self time:"]
+        out += [f"  {percent:5.1f}%  {frame}" for frame, percent in self.self_top]
+        out.append("top frames by total time (anywhere on the stack):")
+        out += [f"  {percent:5.1f}%  {frame}" for frame, percent in self.total_top]
+        return out
+
+
+class Profiler:
+    def __init__(self, pid: int, output: Path) -> None:
+        executable = shutil.which("py-spy")
+        if executable is None:
+            raise ProfilerMissing("skipped: py-spy not installed (pip install py-spy)")
+        self._executable = executable
+        self._pid = pid
+        self._output = output
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, duration_s: float) -> None:
+        argv = [self._executable, "record", "--pid", str(self._pid), "--format", "raw"]
+        argv += ["--rate", str(SAMPLE_RATE_HZ), "--duration", str(max(1, round(duration_s)))]
+        argv += ["--output", str(self._output), "--nonblocking"]
+        self._process = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+
+    def finish(self) -> ProfileSummary:
+        if self._process is None:
+            raise BenchError("the profiler was never started")
+        try:
+            _, stderr = self._process.communicate(timeout=FINISH_GRACE_S)
+        except subprocess.TimeoutExpired as error:
+            self._process.kill()
+            self._process.wait()
+            raise BenchError("py-spy did not finish") from error
+        if self._process.returncode != 0 or not self._output.exists():
+            raise BenchError(f"py-spy failed: {stderr.decode(errors='replace').strip()[-200:]}")
+        return summarize(self._output.read_text())
+
+
+def summarize(raw: str, top: int = TOP_FRAMES) -> ProfileSummary:
+    """Summary of py-spy's raw (collapsed stack) output; malformed lines raise BenchError."""
+    self_samples: Counter[str] = Counter()
+    total_samples: Counter[str] = Counter()
+    samples = 0
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            raise BenchError(f"py-spy output line is not 'stack count': {line[:100]!r}")
+        count = int(count_text)
+        frames = stack.split(";")
+        samples += count
+        self_samples[frames[-1]] += count
+        for frame in set(frames):
+            total_samples[frame] += count
+    if samples == 0:
+        return ProfileSummary(0, [], [])
+
+    def percents(counter: Counter[str]) -> list[tuple[str, float]]:
+        return [(frame, 100.0 * n / samples) for frame, n in counter.most_common(top)]
+
+    return ProfileSummary(samples, percents(self_samples), percents(total_samples))
