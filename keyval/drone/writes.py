@@ -44,6 +44,10 @@ from wire.channel import PeerInfo
 from wire.errors import BadRequest, Conflict, ServiceError, TooLarge
 from wire.messages import Message
 
+# Test-only: when True, a transaction commit skips validating its read versions (lost updates).
+# Only tests/sim flip it, to show the simulation catches the bug; never set it elsewhere.
+_INJECT_BUG_SKIP_TXN_VALIDATION = False
+
 log = logging.getLogger("keyval.drone")
 
 # Keys one transaction may read plus write: bounds the validation work and, with the value
@@ -185,7 +189,7 @@ async def _txn(
     await state.pending.wait_clear(keys)
     for slot, epoch in epochs.items():  # no await from here to _write's marking
         state.check_slot_servable(slot, epoch)
-    stale = state.store.conflicts(reads)
+    stale = [] if _INJECT_BUG_SKIP_TXN_VALIDATION else state.store.conflicts(reads)
     if stale:
         raise Conflict(
             f"{len(stale)} read key(s) changed since they were read",
