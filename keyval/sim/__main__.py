@@ -1,4 +1,5 @@
-"""Replay or run a simulation batch: `python -m keyval.sim --batch-seed N --runs SEED:WORKLOAD,...`."""
+"""Run a simulation batch with default phases: `python -m keyval.sim --batch-seed N --runs
+SEED:WORKLOAD,...` (a failing test prints the exact `run_batch` call to replay it)."""
 
 from __future__ import annotations
 

@@ -78,12 +78,13 @@ ALL_FAULTS = tuple(Fault)
 class RunSpec:
     seed: int
     workload: str
-    faults: tuple[Fault, ...] = ALL_FAULTS
+    faults: tuple[Fault, ...] = ALL_FAULTS  # plain strings are converted
     fault_s: float = 5.0
     quiet_s: float = 10.0
     quiet_target_ops: int = 20
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "faults", tuple(Fault(fault) for fault in self.faults))
         if self.workload not in WORKLOADS:
             raise ValueError(f"unknown workload {self.workload!r}")
         if self.fault_s < 0 or self.quiet_s <= 0 or self.quiet_target_ops < 1:
@@ -122,8 +123,14 @@ class SimulationFailed(AssertionError):
 
 
 def replay_command(batch_seed: int, specs: Sequence[RunSpec]) -> str:
-    runs = ",".join(f"{spec.seed}:{spec.workload}" for spec in specs)
-    return f"python -m keyval.sim --batch-seed {batch_seed} --runs {runs}"
+    """The exact call that replays a batch (each spec with its phases and faults)."""
+    listed = ", ".join(
+        f"RunSpec({spec.seed}, {spec.workload!r}, faults={tuple(str(f) for f in spec.faults)!r}, "
+        f"fault_s={spec.fault_s!r}, quiet_s={spec.quiet_s!r}, "
+        f"quiet_target_ops={spec.quiet_target_ops!r})"
+        for spec in specs
+    )
+    return f"keyval.sim.runner.run_batch({batch_seed}, [{listed}])"
 
 
 class _Faults:

@@ -40,7 +40,8 @@ def test_injected_bug_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     check must fail (and the failure must name the replay command)."""
     monkeypatch.setattr(writes, "_INJECT_BUG_SKIP_TXN_VALIDATION", True)
     specs = [RunSpec(21, "bank", faults=(), fault_s=3.0)]
-    with pytest.raises(SimulationFailed, match=r"replay: python -m keyval\.sim --batch-seed 5"):
+    replay = r"replay: keyval\.sim\.runner\.run_batch\(5, \[RunSpec\(21, 'bank'"
+    with pytest.raises(SimulationFailed, match=replay):
         check_batch(5, specs)
 
 
