@@ -17,6 +17,9 @@ from typing import Any
 
 IDENTITY_KEYS = ("name", "key", "authority", "authority_key")
 PATH_KEYS = frozenset({"key", "data", "ready_file"})
+OBSERVE_KEYS = ("metrics", "log_level", "log_json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOG_LEVEL = "INFO"
 
 
 class ConfigError(Exception):
@@ -33,6 +36,9 @@ class NodeOptions:
     ready_file: Path | None = None
     data: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # role-specific keys (db, commanders, ...)
+    metrics: str | None = None  # host:port of the Prometheus endpoint, None for none
+    log_level: str = DEFAULT_LOG_LEVEL  # one of LOG_LEVELS
+    log_json: bool = False  # JSON lines instead of text
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.extra.get(key, default)
@@ -55,7 +61,43 @@ def add_identity_arguments(parser: argparse.ArgumentParser, *, listen_default: s
     group.add_argument(
         "--ready-file", metavar="F", help="write the bound host:port here once serving"
     )
+    add_observe_arguments(parser)
     parser.set_defaults(listen_default=listen_default)
+
+
+def add_observe_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--metrics`, `--log-level`, `--log-json`: every daemon's (the authority adds them too)."""
+    group = parser.add_argument_group("metrics and logs")
+    group.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: not served)",
+    )
+    group.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help=f"log this level and above (default {DEFAULT_LOG_LEVEL})",
+    )
+    group.add_argument(
+        "--log-json", action="store_true", default=None, help="log JSON lines instead of text"
+    )
+
+
+def observe_options(values: dict[str, Any]) -> tuple[str | None, str, bool]:
+    """(metrics, log_level, log_json) from merged flags and file; raises ConfigError."""
+    metrics = values.get("metrics") or None
+    if metrics is not None:
+        if not isinstance(metrics, str):
+            raise ConfigError("metrics must be a HOST:PORT string")
+        split_address(metrics)
+    level = values.get("log_level") or DEFAULT_LOG_LEVEL
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log-level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    log_json = values.get("log_json") or False
+    if not isinstance(log_json, bool):
+        raise ConfigError(f"log-json must be true or false, not {log_json!r}")
+    return metrics, level.upper(), log_json
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -80,7 +122,7 @@ def resolve(args: argparse.Namespace, *, role_keys: tuple[str, ...] = ()) -> Nod
     if getattr(args, "node_config", None):
         file_values = read_toml(Path(args.node_config))
     merged = dict(file_values)
-    for key in (*IDENTITY_KEYS, "listen", "ready_file", "data", *role_keys):
+    for key in (*IDENTITY_KEYS, "listen", "ready_file", "data", *OBSERVE_KEYS, *role_keys):
         value = getattr(args, key, None)
         if value is not None:
             merged[key] = Path(value) if key in PATH_KEYS else value
@@ -88,6 +130,9 @@ def resolve(args: argparse.Namespace, *, role_keys: tuple[str, ...] = ()) -> Nod
     if missing:
         flags = ", ".join("--" + key.replace("_", "-") for key in missing)
         raise ConfigError(f"missing {flags} (give them as flags or in --config FILE)")
+    metrics, log_level, log_json = observe_options(merged)
+    for key in OBSERVE_KEYS:
+        merged.pop(key, None)
     return NodeOptions(
         name=str(merged.pop("name")),
         key=Path(merged.pop("key")),
@@ -97,6 +142,9 @@ def resolve(args: argparse.Namespace, *, role_keys: tuple[str, ...] = ()) -> Nod
         ready_file=merged.pop("ready_file", None),
         data=merged.pop("data", None),
         extra=merged,
+        metrics=metrics,
+        log_level=log_level,
+        log_json=log_json,
     )
 
 
