@@ -18,6 +18,8 @@ from keyval.bench.errors import BenchError
 
 SAMPLE_RATE_HZ = 200  # py-spy's default is 100; the windows are short
 TOP_FRAMES = 15  # lines of each summary
+# py-spy writes a sample with no Python frame (a thread in native code) as " count".
+NO_PYTHON_FRAME = "(no Python frame)"
 FINISH_GRACE_S = 30.0  # py-spy writes its file after the duration; give it this long
 
 
@@ -25,18 +27,44 @@ class ProfilerMissing(BenchError):
     """py-spy is not installed: the profile is skipped."""
 
 
+# The total-time list shows keyval's own frames (not trio's or the standard library's), and
+# leaves out the trunk every sample passes through (main, the event loop's entry).
+PROJECT_FILE_PREFIXES = ("keyval/", "wire/", "auth/")
+TRUNK_PERCENT = 90.0
+
+
 @dataclass(frozen=True, slots=True)
 class ProfileSummary:
     samples: int
     self_top: list[tuple[str, float]]  # (frame, percent of samples)
-    total_top: list[tuple[str, float]]
+    self_by_file: list[tuple[str, float]]  # (source file, percent of samples)
+    total_top: list[tuple[str, float]]  # keyval's own frames, trunk left out
 
     def lines(self) -> list[str]:
-        out = [f"{self.samples} samples; top frames by self time:"]
-        out += [f"  {percent:5.1f}%  {frame}" for frame, percent in self.self_top]
-        out.append("top frames by total time (anywhere on the stack):")
-        out += [f"  {percent:5.1f}%  {frame}" for frame, percent in self.total_top]
+        out = [f"{self.samples} samples; self time by source file:"]
+        out += [f"  {percent:5.1f}%  {name}" for name, percent in self.self_by_file]
+        out.append("top frames by self time:")
+        out += [f"  {percent:5.1f}%  {name}" for name, percent in self.self_top]
+        out.append("keyval frames by total time (on the stack):")
+        out += [f"  {percent:5.1f}%  {name}" for name, percent in self.total_top]
         return out
+
+
+def without_line(frame: str) -> str:
+    """ "name (path/file.py:123)" -> "name (path/file.py)": samples add up per function."""
+    head, paren, location = frame.rpartition(" (")
+    if not paren:
+        return frame
+    path, colon, line = location.rstrip(")").rpartition(":")
+    return f"{head} ({path})" if colon and line.isdigit() else frame
+
+
+def source_file(frame: str) -> str:
+    """ "name (path/file.py:123)" -> "path/file.py"; a frame without a location as is."""
+    _, paren, location = frame.rpartition(" (")
+    if not paren:
+        return frame
+    return location.rstrip(")").rpartition(":")[0] or location.rstrip(")")
 
 
 class Profiler:
@@ -74,24 +102,33 @@ class Profiler:
 def summarize(raw: str, top: int = TOP_FRAMES) -> ProfileSummary:
     """Summary of py-spy's raw (collapsed stack) output; malformed lines raise BenchError."""
     self_samples: Counter[str] = Counter()
+    file_samples: Counter[str] = Counter()
     total_samples: Counter[str] = Counter()
     samples = 0
     for line in raw.splitlines():
         if not line.strip():
             continue
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
+        stack, separator, count_text = line.rpartition(" ")
+        if not separator or not count_text.isdigit():
             raise BenchError(f"py-spy output line is not 'stack count': {line[:100]!r}")
         count = int(count_text)
-        frames = stack.split(";")
+        frames = [without_line(f) for f in stack.split(";")] if stack else [NO_PYTHON_FRAME]
         samples += count
         self_samples[frames[-1]] += count
+        file_samples[source_file(frames[-1])] += count
         for frame in set(frames):
-            total_samples[frame] += count
+            if source_file(frame).startswith(PROJECT_FILE_PREFIXES):
+                total_samples[frame] += count
     if samples == 0:
-        return ProfileSummary(0, [], [])
+        return ProfileSummary(0, [], [], [])
 
     def percents(counter: Counter[str]) -> list[tuple[str, float]]:
-        return [(frame, 100.0 * n / samples) for frame, n in counter.most_common(top)]
+        return [(frame, 100.0 * n / samples) for frame, n in counter.most_common()]
 
-    return ProfileSummary(samples, percents(self_samples), percents(total_samples))
+    below_trunk = [item for item in percents(total_samples) if item[1] < TRUNK_PERCENT]
+    return ProfileSummary(
+        samples,
+        percents(self_samples)[:top],
+        percents(file_samples)[:top],
+        below_trunk[:top],
+    )

@@ -330,16 +330,32 @@ def test_data_block_survives_a_comment_end_in_a_string() -> None:
 
 
 def test_profile_summary_of_collapsed_stacks() -> None:
-    raw = "main;serve;decode 30\nmain;serve;seal 10\nmain;idle 60\n\n"
+    raw = (
+        "main (keyval/cli.py:1);serve (keyval/net.py:5);decode (wire/codec.py:9) 30\n"
+        "main (keyval/cli.py:1);serve (keyval/net.py:5);send (trio/_socket.py:3) 10\n"
+        "main (keyval/cli.py:1);wait (trio/_io.py:7) 50\n"
+        "main (keyval/cli.py:1);wait (trio/_io.py:8) 10\n"  # one function, another line
+        "\n"
+        " 5\n"  # a sample without Python frames
+    )
     summary = summarize(raw, top=2)
-    assert summary.samples == 100
-    assert summary.self_top == [("idle", 60.0), ("decode", 30.0)]
-    assert summary.total_top == [("main", 100.0), ("idle", 60.0)]
-    assert summary.lines()[0] == "100 samples; top frames by self time:"
+    assert summary.samples == 105
+    assert summary.self_top == [
+        ("wait (trio/_io.py)", pytest.approx(100 * 60 / 105)),
+        ("decode (wire/codec.py)", pytest.approx(100 * 30 / 105)),
+    ]
+    assert summary.self_by_file[0] == ("trio/_io.py", pytest.approx(100 * 60 / 105))
+    # main is on every stack (the trunk); trio frames are not keyval's own
+    assert summary.total_top == [
+        ("serve (keyval/net.py)", pytest.approx(100 * 40 / 105)),
+        ("decode (wire/codec.py)", pytest.approx(100 * 30 / 105)),
+    ]
+    assert summarize(" 5").self_top == [("(no Python frame)", 100.0)]
+    assert summary.lines()[0] == "105 samples; self time by source file:"
     assert summarize("").samples == 0
 
 
-@pytest.mark.parametrize("raw", ["main;serve", "main;serve x", " 12"])
+@pytest.mark.parametrize("raw", ["main;serve", "main;serve x", "main 1.5"])
 def test_malformed_profile_output_is_refused(raw: str) -> None:
     with pytest.raises(BenchError, match="py-spy output"):
         summarize(raw)
