@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import trio
 
+from keyval.observe import context as observe_context
+from keyval.observe.metrics import current_metrics
 from wire import codec
 from wire.channel import (
     NEED_DATA,
@@ -481,9 +483,24 @@ class _ServerConnection:
         self.revoked = revoked
         self.clock = clock
         self.inflight = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
+        self.connection_id = observe_context.next_connection_id()
+        self.metrics = current_metrics()  # the serving daemon's
 
     async def run(self) -> str:
         """Serve requests until the peer leaves or fails; returns why the connection ended."""
+        logger.debug(
+            "connection c%d: %s (%s) authenticated",
+            self.connection_id,
+            self.peer.name,
+            self.peer.role,
+        )
+        self.metrics.connections_open.inc()
+        try:
+            return await self._serve()
+        finally:
+            self.metrics.connections_open.dec()
+
+    async def _serve(self) -> str:
         reason = "closed by a handler"  # if a handler cancels the reader
         async with trio.open_nursery() as nursery:
             try:
@@ -514,6 +531,7 @@ class _ServerConnection:
             rid, msg = request
             refusal = self._refusal()
             if refusal is not None:
+                self.metrics.request_done(msg.TYPE, ErrorCode.UNAUTHORIZED.value, 0.0)
                 await self._end_with(rid, Unauthorized(refusal))
                 return refusal
             try:  # no checkpoint when a slot is free, so a burst of requests starts together
@@ -528,6 +546,7 @@ class _ServerConnection:
             return decode_message(data)
         except DecodeError as error:
             rid = _request_id_of(data)
+            self.metrics.request_done("undecodable", ErrorCode.BAD_REQUEST.value, 0.0)
             if rid is None:
                 raise
             self.link.queue(
@@ -551,18 +570,29 @@ class _ServerConnection:
         await self.link.flush()
 
     async def _handle(self, rid: int, msg: Message, nursery: trio.Nursery) -> None:
+        observe_context.set_request(observe_context.request_id(self.connection_id, rid))
+        started = trio.current_time()
+        code: str | None = None  # None: answered without an error
         try:
             try:
                 reply = await self._call_handler(msg)
             except CloseConnection as close:
+                code = close.error.code.value
                 await self._end_with(rid, close.error)
                 nursery.cancel_scope.cancel()
                 return
+            if isinstance(reply, Error):
+                code = reply.code
             await self._send_reply(rid, reply)
         except Unavailable:
             nursery.cancel_scope.cancel()  # the connection is gone; stop the others too
         finally:
             self.inflight.release()
+            elapsed_s = trio.current_time() - started
+            self.metrics.request_done(msg.TYPE, code, elapsed_s)
+            logger.debug(
+                "%s from %s: %s in %.3f ms", msg.TYPE, self.peer.name, code or "ok", elapsed_s * 1e3
+            )
 
     async def _call_handler(self, msg: Message) -> Message:
         try:

@@ -142,6 +142,13 @@ class NodeMetrics:
             commander,
         )
 
+    def request_done(self, op: str, code: str | None, elapsed_s: float) -> None:
+        """Count one served request of type `op`, answered with error `code` (None: ok)."""
+        self.requests.labels(op).inc()
+        self.request_seconds.labels(op).observe(elapsed_s)
+        if code is not None:
+            self.request_errors.labels(op, code).inc()
+
     # Metrics are built with registry=None (never prometheus_client's global registry) and
     # registered here only for the roles that record them.
 
