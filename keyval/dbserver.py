@@ -22,7 +22,7 @@ import trio
 from auth.client import Credentials
 from auth.keys import KeyFileError
 from auth.service import ServiceIdentity
-from keyval import net
+from keyval import net, observe
 from keyval.db.backend import BackendConfigError, StorageError, open_backend
 from keyval.db.service import DEFAULT_BATCH_MAX_DELAY_MS, DEFAULT_BATCH_MAX_OPS, Database
 from keyval.nodeconfig import (
@@ -32,6 +32,7 @@ from keyval.nodeconfig import (
     resolve,
     write_ready_file,
 )
+from keyval.observe import setup_logging
 from wire.errors import WireError
 
 logger = logging.getLogger("keyval.db")
@@ -114,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"keyval db: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(options.name, options.log_level, json=options.log_json)
     try:
         trio.run(run_db, options)
     except BackendConfigError as error:
@@ -148,6 +149,7 @@ async def run_db(
     credentials = Credentials(options.name, options.key, options.authority, options.authority_key)
     try:
         async with trio.open_nursery() as nursery:
+            await observe.start_node(nursery, options.name, "db", options.metrics)
             identity = ServiceIdentity(credentials)
             await identity.start(nursery)
             await nursery.start(database.run)

@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 
 import trio
 
+from keyval.observe import current_metrics
 from wire.errors import Internal
 
 logger = logging.getLogger("keyval.db")
@@ -105,16 +106,20 @@ class GroupCommitter(Generic[Item, Result]):
 
     async def _commit_batch(self, batch: list[_Submission[Item, Result]]) -> None:
         items = [item for submission in batch for item in submission.items]
+        metrics, started = current_metrics(), trio.current_time()
         try:
             results = await self._commit(items)
             if len(results) != len(items):
                 raise RuntimeError(f"commit returned {len(results)} results for {len(items)}")
         except Exception as error:  # a bug: fail this batch's submitters, keep serving others
+            metrics.commit_failures.inc()
             logger.exception("group commit of %d items failed", len(items))
             for submission in batch:
                 submission.failure = repr(error)
                 submission.done.set()
             return
+        metrics.commit_seconds.observe(trio.current_time() - started)
+        metrics.commit_batch_ops.observe(len(items))
         self._count(len(batch), len(items))
         position = 0
         for submission in batch:
