@@ -24,6 +24,7 @@ Row = dict[str, Any]
 
 SHAPE_FIELDS = ("system", "workload", "connections", "pipeline", "value_bytes", "keys", "drones")
 MEMORY_SHAPE_FIELDS = ("system", "keys")
+SYSTEM_ORDER = ("keyval", "redis", "redis-rss", "redis-benchmark", "etcd")  # within one shape
 ANALYSIS_START = "<!-- analysis:start -->"
 ANALYSIS_END = "<!-- analysis:end -->"
 DATA_START = "<!-- bench-data"
@@ -67,12 +68,14 @@ THROUGHPUT_HEADER = (
     "errors",
     "server CPU us/op",
     "vs redis",
+    "measured",
 )
 
 
 def throughput_cells(row: Row) -> list[str]:
     if row.get("skipped"):
-        return [row["system"], row["workload"], "", "skipped", "", "", "", "", "", row["skipped"]]
+        cells = [row["system"], row["workload"], "", "skipped", "", "", "", "", ""]
+        return [*cells, row["skipped"], str(row.get("measured", ""))]
     return [
         str(row["system"]),
         str(row["workload"]),
@@ -84,21 +87,24 @@ def throughput_cells(row: Row) -> list[str]:
         _errors(row),
         _cpu(row),
         _ratio(row),
+        str(row.get("measured", "")),
     ]
 
 
-MEMORY_HEADER = ("system", "keys", "bytes per key", "measured as", "vs redis")
+MEMORY_HEADER = ("system", "keys", "bytes per key", "measured as", "vs redis", "measured")
 
 
 def memory_cells(row: Row) -> list[str]:
     if row.get("skipped"):
-        return [row["system"], str(row.get("keys", "")), "skipped", row["skipped"], ""]
+        cells = [row["system"], str(row.get("keys", "")), "skipped", row["skipped"], ""]
+        return [*cells, str(row.get("measured", ""))]
     return [
         str(row["system"]),
         f"{row['keys']:,}",
         f"{row['bytes_per_key']:.1f}",
         str(row["measured_as"]),
         _ratio(row),
+        str(row.get("measured", "")),
     ]
 
 
@@ -190,6 +196,11 @@ flight per connection. Each run warms up (`--warmup`), then measures for `--seco
 CPU is utime + stime from /proc of every process in the cluster's nodes.json (or of
 redis-server) over the measured window, divided by the operations completed in it.
 
+Redis runs `put`, `mixed` and `txn-local` with `appendonly yes` and `appendfsync always`
+(durable, as keyval's default ack is) and `get` and `put-memory` with persistence off;
+`txn-local` is WATCH, MGET, MULTI/SET/SET/EXEC there, on a connection per transaction task.
+`--profile` samples drone-1 with py-spy (`pip install py-spy`) over the measured window.
+
 Columns: `vs redis` is keyval's ops/s over Redis's measured in the same run with the same load
 generator; `redis-benchmark` rows are Redis's own C client for the same shape (the upper
 bound: a client that costs far less CPU). The load generator shares the machine's cores with
@@ -224,13 +235,21 @@ def _merge(old: list[Row], new: list[Row], fields: tuple[str, ...]) -> list[Row]
     def shape(row: Row) -> tuple[str, ...]:
         return tuple(str(row.get(name)) for name in fields)
 
+    def order(row: Row) -> tuple[Any, ...]:
+        system = str(row.get("system"))
+        rank = SYSTEM_ORDER.index(system) if system in SYSTEM_ORDER else len(SYSTEM_ORDER)
+        return (str(row.get("workload")), shape(row)[2:], rank, system)
+
     replaced = {shape(row) for row in new}
     merged = [row for row in old if isinstance(row, dict) and shape(row) not in replaced]
-    return sorted(merged + new, key=lambda row: (str(row.get("workload")), shape(row)))
+    return sorted(merged + new, key=order)
 
 
 def update_markdown(path: Path, throughput: list[Row], memory: list[Row]) -> None:
     data, analysis = _load_document(path)
+    measured = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    throughput = [{**row, "measured": measured} for row in throughput]
+    memory = [{**row, "measured": measured} for row in memory]
     data["throughput"] = _merge(data["throughput"], throughput, SHAPE_FIELDS)
     data["memory"] = _merge(data["memory"], memory, MEMORY_SHAPE_FIELDS)
     data["machine"] = machine()
