@@ -27,7 +27,7 @@ from auth.authority import (
     AuthorityConfig,
 )
 from auth.client import Credentials
-from auth.daemon import run_authority
+from auth.daemon import AUTHORITY_NODE_NAME, run_authority
 from auth.datadir import AuthorityDirError, ensure_authority_dir
 from auth.messages import (
     PrincipalAdd,
@@ -37,7 +37,14 @@ from auth.messages import (
     PrincipalSetEnabled,
 )
 from auth.principals import PrincipalError, Role
-from keyval.nodeconfig import ConfigError, read_toml, write_ready_file
+from keyval.nodeconfig import (
+    ConfigError,
+    add_observe_arguments,
+    observe_options,
+    read_toml,
+    write_ready_file,
+)
+from keyval.observe import setup_logging
 from wire.errors import WireError
 from wire.messages import Message
 
@@ -66,6 +73,7 @@ def _register_daemon(subparsers: Any) -> None:
     parser.add_argument("--tgt-lifetime-s", type=float, default=DEFAULT_TGT_LIFETIME_S)
     parser.add_argument("--ticket-lifetime-s", type=float, default=DEFAULT_TICKET_LIFETIME_S)
     parser.add_argument("--key-rotation-s", type=float, default=DEFAULT_KEY_ROTATION_S)
+    add_observe_arguments(parser)
     parser.set_defaults(func=_run_daemon)
 
 
@@ -79,15 +87,21 @@ def _run_daemon(args: argparse.Namespace) -> int:
             key_rotation_s=args.key_rotation_s,
         )
         info = ensure_authority_dir(data).info
-    except (ValueError, AuthorityDirError) as error:
+        metrics, log_level, log_json = observe_options(vars(args))
+    except (ValueError, AuthorityDirError, ConfigError) as error:
         print(f"keyval auth: {error}", file=sys.stderr)
         return 2
+    setup_logging(AUTHORITY_NODE_NAME, log_level, json=log_json)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             address = await nursery.start(
                 lambda task_status: run_authority(
-                    data, args.listen, config=config, task_status=task_status
+                    data,
+                    args.listen,
+                    config=config,
+                    metrics_address=metrics,
+                    task_status=task_status,
                 )
             )
             print(f"authority {info.id} public key {info.public_key_hex} on {address}", flush=True)

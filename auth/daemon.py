@@ -23,6 +23,9 @@ from wire.messages import Message
 
 logger = logging.getLogger(__name__)
 
+# The authority is not a principal; its log lines and metrics carry this node name.
+AUTHORITY_NODE_NAME = "authority"
+
 
 async def run_authority(
     data_dir: Path,
@@ -30,12 +33,14 @@ async def run_authority(
     *,
     config: AuthorityConfig | None = None,
     clock: Callable[[], float] = time.time,
+    metrics_address: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the authority from `data_dir` on `listen` until cancelled.
+    """Serve the authority from `data_dir` on `listen` until cancelled (with Prometheus
+    metrics on `metrics_address` if given).
 
     `task_status.started(bound_address)` once it accepts connections."""
-    from keyval import net  # here, not at the top: keyval imports auth
+    from keyval import net, observe  # here, not at the top: keyval imports auth
 
     data_dir = Path(data_dir)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -56,9 +61,11 @@ async def run_authority(
             principal = authority.registry.get(peer.name)
             return principal is None or not principal.enabled
 
-        logger.info(
-            "authority %s (public key %s)", authority.id, authority.keys.info.public_key_hex
-        )
-        await net.serve(
-            listen, auth_factory, handler, revoked=revoked, clock=clock, task_status=task_status
-        )
+        async with trio.open_nursery() as nursery:
+            await observe.start_node(nursery, AUTHORITY_NODE_NAME, "auth", metrics_address)
+            logger.info(
+                "authority %s (public key %s)", authority.id, authority.keys.info.public_key_hex
+            )
+            await net.serve(
+                listen, auth_factory, handler, revoked=revoked, clock=clock, task_status=task_status
+            )
