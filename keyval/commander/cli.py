@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -12,6 +11,7 @@ import trio
 from auth.keys import KeyFileError
 from keyval.commander.daemon import CommanderSettings, run_commander
 from keyval.nodeconfig import ConfigError, add_identity_arguments, resolve
+from keyval.observe import setup_logging
 from keyval.timing import HEARTBEAT_MS, LEASE_MS
 from wire.errors import WireError
 
@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as error:
         print(f"keyval commander: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(options.name, options.log_level, json=options.log_json)
     try:
         trio.run(run_commander, options)
     except (OSError, KeyFileError) as error:

@@ -19,7 +19,7 @@ import trio
 from auth.client import Credentials
 from auth.roles import require_role
 from auth.service import ServiceIdentity
-from keyval import net
+from keyval import net, observe
 from keyval.commander.dblink import DbLink, Resumed
 from keyval.commander.state import CommanderState, DroneFailed, SaveMap
 from keyval.grants import Grant, sign_grant
@@ -233,6 +233,7 @@ class Commander:
             for instruction in self.state.tick(self.now()):
                 if isinstance(instruction, DroneFailed):
                     logger.warning("drone %s failed: its lease expired", instruction.drone)
+                    observe.current_metrics().drone_failures.inc()
                     self._signal_map_change()
                 elif isinstance(instruction, SaveMap):
                     await self._save(instruction)
@@ -286,6 +287,7 @@ async def run_commander(
     db = DbLink(credentials, settings.db, settings.db_name)
     try:
         async with trio.open_nursery() as nursery:
+            metrics = await observe.start_node(nursery, options.name, "commander", options.metrics)
             identity = ServiceIdentity(credentials)
             await identity.start(nursery)
             resumed = await _start_db(db, options.name)
@@ -300,6 +302,9 @@ async def run_commander(
                 lease_ms=settings.lease_ms,
             )
             commander = Commander(state, resumed.grant_key, db)
+            metrics.drones_live.set_function(lambda: len(state.drones))
+            metrics.map_version.set_function(lambda: state.saved_version)
+            metrics.commander_term.set_function(lambda: state.term)
             bound = await nursery.start(
                 functools.partial(net.serve, revoked=identity.revoked),
                 options.listen,
