@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -17,6 +16,7 @@ from keyval.drone.daemon import (
     settings_from_options,
 )
 from keyval.nodeconfig import ConfigError, add_identity_arguments, resolve
+from keyval.observe import setup_logging
 from wire.errors import WireError
 
 ROLE_KEYS = ("db", "commander", "db_name", "max_key_bytes", "max_value_bytes")
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"keyval drone: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging(options.name, options.log_level, json=options.log_json)
     try:
         trio.run(run_drone, options)
     except (Exception, BaseExceptionGroup) as error:

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from keyval import net
+from keyval import net, observe
 from keyval.client.config import Endpoint, parse_commanders
 from keyval.drone.handlers import DroneHandler
 from keyval.drone.heartbeat import Heartbeater
@@ -165,9 +165,12 @@ async def run_drone(
     `security` replaces ticket login (tests pass pre-shared-key auth)."""
     settings = settings_from_options(options)
     async with trio.open_nursery() as nursery:
+        metrics = await observe.start_node(nursery, options.name, "drone", options.metrics)
         if security is None:
             security = await _ticket_security(options, nursery)
         drone = Drone(options.name, settings, security)
+        metrics.slots_owned.set_function(lambda: len(drone.state.table.held_slots()))
+        metrics.keys.set_function(drone.state.store.key_count)
         address = await nursery.start(drone.run, options.listen)
         write_ready_file(options.ready_file, address)
         task_status.started(address)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import trio
 
+from keyval import observe
 from keyval.client.config import Endpoint
 from keyval.drone.links import Dialer, ServiceLink
 from keyval.drone.migrate import Migrator
@@ -116,6 +117,7 @@ class Heartbeater:
                     log.info("commander does not know incarnation %s", self.incarnation)
                     return
                 log.info("heartbeat to %s failed: %s", self.link.address, error.message)
+                observe.current_metrics().lease_renewal_failures.inc()
                 self._next_commander()
             await trio.sleep_until(sent_at + self.heartbeat_ms / 1000)
 
@@ -133,6 +135,7 @@ class Heartbeater:
         if not isinstance(reply, HeartbeatReply):
             raise Internal(f"commander answered a heartbeat with {reply.TYPE}")
         self.take_reply(reply, sent_at, nursery)
+        observe.current_metrics().lease_renewals.inc()
 
     def take_reply(self, reply: HeartbeatReply, sent_at: float, nursery: trio.Nursery) -> None:
         """Apply a grant (from a heartbeat or a live move's long poll) sent at `sent_at`."""

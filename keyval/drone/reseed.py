@@ -11,6 +11,7 @@ import logging
 
 import trio
 
+from keyval import observe
 from keyval.drone.batcher import DbLink
 from keyval.drone.slots import Drop, Instruction, Reseed
 from keyval.drone.state import DroneState
@@ -82,17 +83,22 @@ class Reseeder:
     async def reseed(self, instruction: Reseed) -> None:
         """Load the slot, retrying while it stays granted under the same epoch."""
         slot, epoch = instruction.slot, instruction.epoch
+        metrics = observe.current_metrics()
         while self.state.table.epoch_of(slot) == epoch:
             try:
                 async with self._limiter:
                     if self.state.table.epoch_of(slot) != epoch:
                         return
-                    items = await read_slot(self.link, self.state, slot)
+                    with metrics.reseeds_in_progress.track_inprogress():
+                        items = await read_slot(self.link, self.state, slot)
             except ServiceError as error:
+                metrics.reseed_failures.inc()
                 log.warning("reseed of slot %d failed: %s; retrying", slot, error.message)
                 await trio.sleep(RESEED_RETRY_MS / 1000)
                 continue
-            self.install(slot, epoch, items)
+            if self.install(slot, epoch, items):
+                metrics.reseeds.inc()
+                metrics.reseed_keys.inc(len(items))
             return
 
     def install(self, slot: int, epoch: int, items: list[Item]) -> bool:
