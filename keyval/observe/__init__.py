@@ -10,12 +10,23 @@
 
 from __future__ import annotations
 
+import weakref
+
 import trio
 
 from keyval.observe.context import bind_node, stimulus
 from keyval.observe.http import serve_metrics
-from keyval.observe.logs import parse_level, setup_logging
+from keyval.observe.logs import parse_level, remove_logging, setup_logging
 from keyval.observe.metrics import NodeMetrics, bind_metrics, current_metrics
+
+# The running nodes of this process by name, so in-process tests (and tools) can find a
+# daemon's metrics and the address its endpoint bound (`--metrics 127.0.0.1:0`).
+_NODES: weakref.WeakValueDictionary[str, NodeMetrics] = weakref.WeakValueDictionary()
+
+
+def node_metrics(name: str) -> NodeMetrics | None:
+    """The metrics of the node called `name` that started last in this process, if any."""
+    return _NODES.get(name)
 
 
 async def start_node(
@@ -28,7 +39,8 @@ async def start_node(
     metrics = NodeMetrics(name, role)
     bind_metrics(metrics)
     if metrics_address:
-        await nursery.start(serve_metrics, metrics_address, metrics.registry)
+        metrics.address = await nursery.start(serve_metrics, metrics_address, metrics.registry)
+    _NODES[name] = metrics
     return metrics
 
 
@@ -37,7 +49,9 @@ __all__ = [
     "bind_metrics",
     "bind_node",
     "current_metrics",
+    "node_metrics",
     "parse_level",
+    "remove_logging",
     "serve_metrics",
     "setup_logging",
     "start_node",

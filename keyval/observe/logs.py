@@ -97,6 +97,14 @@ class JsonFormatter(logging.Formatter):
         return jsonlib.dumps(fields, ensure_ascii=False)
 
 
+def remove_logging() -> None:
+    """Take out the handler `setup_logging` installed (tests restore the root logger)."""
+    global _installed
+    if _installed is not None:
+        logging.getLogger().removeHandler(_installed)
+        _installed = None
+
+
 def setup_logging(
     node: str, level: str = DEFAULT_LOG_LEVEL, *, json: bool = False, stream: TextIO | None = None
 ) -> logging.Handler:

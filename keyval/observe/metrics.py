@@ -59,6 +59,7 @@ class NodeMetrics:
         self.node = node
         self.role = role
         self.registry = CollectorRegistry(auto_describe=True)
+        self.address: str | None = None  # where the HTTP endpoint is bound, if served
         if process:  # CPU, memory, file descriptors of this process (Linux /proc)
             ProcessCollector(registry=self.registry)
         info = Info("keyval_node", "this daemon's node name and role", registry=self.registry)
