@@ -23,7 +23,6 @@ import trio
 
 import keyval
 from keyval.client.aio import AsyncClient
-from keyval.client.policy import RetryPolicy
 from keyval.keys import NUM_SLOTS, key_slot
 from tests.e2e.cluster import LocalCluster
 
@@ -35,7 +34,7 @@ WRITERS = 8  # concurrent writer tasks making the steady load
 LOAD_CONCURRENCY = 64  # tasks writing the initial keys
 RECOVERY_TARGET_S = 1.0  # the issue's target with default timing (asserted loosely below)
 RECOVERY_LIMIT_S = 5.0
-PROBE_ROUND_S = 0.3  # deadline of one probe round: the measurement's resolution
+MAP_POLL_S = 0.01  # how often the probe asks the commander for the map after the kill
 PROBE_LIMIT_S = 60.0  # what the default suite asserts: shared CI cores are slow
 
 
@@ -98,27 +97,23 @@ async def _read_all(kv: AsyncClient, keys: list[str]) -> dict[str, object]:
     return values
 
 
-async def _probe_until_served(cluster: LocalCluster, probes: list[str]) -> None:
-    """Return once every probe key answered a get. Each round uses a fresh client (so the
-    map the commander has now) with a short deadline; a key that answered is not asked again."""
-    left = set(probes)
-    limiter = trio.CapacityLimiter(LOAD_CONCURRENCY)
-    with trio.fail_after(PROBE_LIMIT_S):
-        while left:
-            policy = RetryPolicy(deadline_s=PROBE_ROUND_S)
-            async with keyval.aconnect(cluster.client_config, policy=policy) as fresh:
+async def _probe_until_served(cluster: LocalCluster, victim: str, probes: list[str]) -> float:
+    """Return once every probe key answered a get; returns when the map dropped `victim`.
 
-                async def get(key: str, client: AsyncClient = fresh) -> None:
-                    async with limiter:
-                        try:
-                            await client.get(key)
-                        except keyval.ServiceError:
-                            return
-                        left.discard(key)
-
-                async with trio.open_nursery() as nursery:
-                    for key in sorted(left):
-                        nursery.start_soon(get, key)
+    A fresh client polls the commander's map until `victim` owns nothing (detection), then
+    reads every probe key (each get retries UNAVAILABLE while its slot reseeds)."""
+    async with keyval.aconnect(cluster.client_config) as fresh:
+        with trio.fail_after(PROBE_LIMIT_S):
+            while True:
+                await fresh.router.refresh(fresh.router.start(), seen=fresh.router.refreshes)
+                table = fresh.router.table
+                assert table is not None
+                if victim not in table.drones():
+                    break
+                await trio.sleep(MAP_POLL_S)
+            detected_at = trio.current_time()
+            await _read_all(fresh, probes)
+    return detected_at
 
 
 def _probe_keys(slots: set[int]) -> list[str]:
@@ -161,8 +156,9 @@ async def _failover(cluster: LocalCluster, keys: int) -> dict[str, float]:
             writes_before = load.writes
             killed_at = trio.current_time()
             cluster.kill(victim, signal.SIGKILL)
-            await _probe_until_served(cluster, probes)
+            detected_at = await _probe_until_served(cluster, victim, probes)
             recovered_s = trio.current_time() - killed_at
+            detected_s = detected_at - killed_at
             await trio.sleep(0.5)
             load.stop.set()
         assert load.writes > writes_before
@@ -177,6 +173,7 @@ async def _failover(cluster: LocalCluster, keys: int) -> dict[str, float]:
             "keys": float(keys),
             "dead_slots": float(len(dead_slots)),
             "recovery_s": recovered_s,
+            "map_changed_s": detected_s,
             "writes_during_run": float(load.writes),
             "client_errors": float(len(load.errors)),
         }
