@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from keyval.observe import current_metrics
+from keyval.observe import current_metrics, stimulus
 from wire.errors import Internal
 
 logger = logging.getLogger("keyval.db")
@@ -82,7 +82,8 @@ class GroupCommitter(Generic[Item, Result]):
         async with self._receive:
             async for first in self._receive:
                 batch = await self._collect(first)
-                await self._commit_batch(batch)
+                with stimulus("commit"):  # the batch's log lines share an id
+                    await self._commit_batch(batch)
 
     async def _collect(self, first: _Submission[Item, Result]) -> list[_Submission[Item, Result]]:
         batch, count = [first], len(first.items)
