@@ -72,6 +72,19 @@ def register(subparsers: Any) -> None:
     )
     up.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     up.set_defaults(func=cmd_up)
+    add_drone = actions.add_parser(
+        "add-drone",
+        help="start one more drone into a running cluster",
+        description="Register a new drone principal with the running authority (as the "
+        "cluster's admin), start it against DIR's db and commanders, and add it to "
+        "DIR/nodes.json. The commander moves it a fair share of the slots. `cluster up` "
+        "stops it with the rest of the cluster.",
+    )
+    add_drone.add_argument("--dir", required=True, help="the folder of a running `cluster up`")
+    add_drone.add_argument(
+        "--listen", default=None, help="HOST:PORT for the drone (default: a free port)"
+    )
+    add_drone.set_defaults(func=cmd_add_drone)
 
 
 def _port(base: int, offset: int) -> int:
@@ -292,6 +305,7 @@ class Cluster:
                 )
 
     def stop(self) -> None:
+        _stop_added_drones(self.root)
         for node in reversed(self.nodes):
             if node.process is not None and node.process.poll() is None:
                 node.process.terminate()
@@ -380,6 +394,133 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.stop()
         if cluster.stopping:
             print("keyval cluster stopped", flush=True)
+
+
+# ---------------------------------------------------------------- add-drone
+
+ADDED_KEY = "added"  # nodes.json marks drones started by add-drone; `up` stops them
+
+
+def _stop_added_drones(root: Path) -> None:
+    """SIGTERM the drones `add-drone` started into this cluster (listed in nodes.json)."""
+    try:
+        nodes = json.loads((root / "nodes.json").read_text())
+    except (OSError, ValueError):
+        return
+    for node in nodes:
+        pid = node.get("pid")
+        if node.get(ADDED_KEY) and type(pid) is int and pid > 0:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def _register_drone_principal(root: Path, name: str, key_file: Path) -> None:
+    """Add `name` (role drone) through the running authority, as the cluster's admin."""
+    import trio
+
+    from auth import keys
+    from auth.client import Credentials
+    from auth.messages import PrincipalAdd
+    from keyval.nodeconfig import read_toml
+
+    admin = read_toml(root / "admin.toml")
+    credentials = Credentials(
+        str(admin["name"]), Path(admin["key"]), str(admin["authority"]), str(admin["authority_key"])
+    )
+    private_key = keys.generate_private_key()
+    request = PrincipalAdd(name=name, role="drone", public_key=keys.public_key_bytes(private_key))
+
+    async def add() -> None:
+        connection = await credentials.authority_connection()
+        async with connection:
+            await connection.request(request)
+
+    trio.run(add)
+    keys.save_private_key(key_file, private_key)
+
+
+def cmd_add_drone(args: argparse.Namespace) -> int:
+    from wire.errors import WireError
+
+    root = Path(args.dir).resolve()
+    try:
+        nodes: list[dict[str, Any]] = json.loads((root / "nodes.json").read_text())
+        if not (root / "admin.toml").exists():
+            raise OSError("no admin.toml")
+    except (OSError, ValueError) as error:
+        print(f"keyval cluster: {root} is not a running cluster: {error}", file=sys.stderr)
+        return 1
+    names = {node["name"] for node in nodes}
+    index = 1
+    while f"drone-{index}" in names or (root / "keys" / f"drone-{index}.key").exists():
+        index += 1
+    name = f"drone-{index}"
+    db = next((n["address"] for n in nodes if n["role"] == "db"), None)
+    commanders = [n["address"] for n in nodes if n["role"] == "commander"]
+    authority = next((n for n in nodes if n["role"] == "auth"), None)
+    if db is None or not commanders or authority is None:
+        print(
+            "keyval cluster: nodes.json lacks the db, a commander or the authority", file=sys.stderr
+        )
+        return 1
+    key_file = root / "keys" / f"{name}.key"
+    try:
+        _register_drone_principal(root, name, key_file)
+    except (WireError, OSError, KeyError) as error:
+        print(f"keyval cluster: cannot register {name}: {error}", file=sys.stderr)
+        return 1
+    from keyval.nodeconfig import read_toml
+
+    admin = read_toml(root / "admin.toml")
+    config = root / "nodes" / f"{name}.toml"
+    ready_file = root / "run" / f"{name}.addr"
+    ready_file.unlink(missing_ok=True)
+    _write_toml(
+        config,
+        {
+            "name": name,
+            "key": str(key_file),
+            "authority": admin["authority"],
+            "authority_key": admin["authority_key"],
+            "listen": args.listen or "127.0.0.1:0",
+            "ready_file": str(ready_file),
+        },
+    )
+    argv = [sys.executable, "-m", "keyval", "drone", "--config", str(config), "--db", db]
+    for address in commanders:
+        argv += ["--commander", address]
+    log_file = (root / "logs" / f"{name}.log").open("ab")
+    process = subprocess.Popen(
+        argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    log_file.close()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (ready_file.exists() and ready_file.read_text().strip()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            print(
+                f"keyval cluster: {name} did not start; see {root / 'logs' / name}.log",
+                file=sys.stderr,
+            )
+            if process.poll() is None:
+                process.terminate()
+            return 1
+        time.sleep(0.05)
+    address = ready_file.read_text().strip()
+    nodes.append(
+        {
+            "role": "drone",
+            "name": name,
+            "address": address,
+            "pid": process.pid,
+            "argv": argv,
+            ADDED_KEY: True,
+        }
+    )
+    (root / "nodes.json").write_text(json.dumps(nodes, indent=2) + "\n")
+    print(f"keyval cluster: {name} serving on {address} (pid {process.pid})", flush=True)
+    return 0
 
 
 if os.name != "posix":  # pragma: no cover - loopback clusters use POSIX signals

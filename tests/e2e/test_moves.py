@@ -7,7 +7,10 @@ slot (which must not pause), and checks that every acknowledged write is readabl
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from auth.client import Credentials
 from keyval import net
 from keyval.client.aio import AsyncClient
 from keyval.client.config import load_settings
-from keyval.keys import key_slot
+from keyval.keys import NUM_SLOTS, key_slot
 from keyval.messages import GetMap, MapChange, MoveSlot, SlotMap
 from tests.e2e.cluster import LocalCluster
 
@@ -33,6 +36,7 @@ LOAD_CONCURRENCY = 64
 WRITERS = 4  # writer tasks on the moving slot, plus one on another slot
 PAUSE_LIMIT_S = 1.0  # asserted in the suite (target 100 ms; shared CI cores are slower)
 MOVE_WAIT_S = 30.0
+CLI_TIMEOUT_S = 60.0
 
 
 @pytest.fixture
@@ -146,3 +150,47 @@ async def test_live_move_of_a_10k_key_slot_under_write_load(two_drones: LocalClu
         assert loaded == {f"{{mv}}:{index}": index for index in range(0, SLOT_KEYS, 11)}
         assert slot != other_slot
         assert pause_s < PAUSE_LIMIT_S
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "keyval", *argv],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+
+
+async def test_add_drone_gets_a_fair_share_and_slots_cli(two_drones: LocalCluster) -> None:
+    async with keyval.aconnect(two_drones.client_config) as kv:
+        for index in range(200):
+            await kv.put(f"join:{index}", index)
+    added = await trio.to_thread.run_sync(
+        _cli, "cluster", "add-drone", "--dir", str(two_drones.root)
+    )
+    assert added.returncode == 0, added.stderr
+    assert "drone-3 serving on" in added.stdout
+    assert any(node["name"] == "drone-3" for node in two_drones.nodes())
+    with trio.fail_after(MOVE_WAIT_S):
+        while True:
+            shown = await trio.to_thread.run_sync(
+                _cli, "slots", "--config", two_drones.client_config, "--json"
+            )
+            assert shown.returncode == 0, shown.stderr
+            slot_map = json.loads(shown.stdout)
+            counts: dict[str, int] = {}
+            for row in slot_map["ranges"]:
+                counts[row["drone"]] = counts.get(row["drone"], 0) + row["last"] - row["first"] + 1
+            if counts.get("drone-3", 0) >= NUM_SLOTS // 3 - 1:
+                break
+            await trio.sleep(0.1)
+    assert sum(counts.values()) == NUM_SLOTS
+    assert max(counts.values()) - min(counts.values()) <= 1
+    async with keyval.aconnect(two_drones.client_config) as kv:
+        for index in range(200):
+            assert await kv.get(f"join:{index}") == index
+    text = await trio.to_thread.run_sync(_cli, "slots", "--config", two_drones.client_config)
+    assert text.returncode == 0 and "drone-3" in text.stdout and "epoch" in text.stdout
+    missing = await trio.to_thread.run_sync(_cli, "slots", "--config", "/nonexistent.toml")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
