@@ -25,7 +25,7 @@ from keyval.sim.checks import (
     check_no_lost_writes,
 )
 from keyval.sim.history import EventType, History, HistoryError, Key
-from keyval.sim.linearizability import Verdict, check_linearizable
+from keyval.sim.linearizability import MAX_SEARCH_STEPS, Verdict, check_linearizable
 
 # Detail kept per failed check in the report: enough to start debugging, not a whole history.
 MAX_DETAIL_CHARS = 4000
@@ -124,9 +124,9 @@ def _bank(history: History, accounts: Sequence[Key], total: int) -> CheckOutcome
     return outcome
 
 
-def _linearizable(history: History) -> CheckOutcome:
+def _linearizable(history: History, max_steps: int) -> CheckOutcome:
     try:
-        result = check_linearizable(history)
+        result = check_linearizable(history, max_steps=max_steps)
     except HistoryError as error:
         return CheckOutcome("linearizable", False, 0, f"history not checkable: {error}")
     checked = sum(key.operations for key in result.keys)
@@ -159,10 +159,15 @@ def judge(
     quiet_target_operations: int = 1,
     errors: Sequence[str] = (),
     notes: Mapping[str, Any] | None = None,
+    max_search_steps: int = MAX_SEARCH_STEPS,
 ) -> Report:
     """Check `history` and `final` (key -> value read at the end, ABSENT for none)."""
     lost_check, verified, lost = _lost_writes(history, final)
-    checks = [_linearizable(history), lost_check, _outcome(check_no_aborted_reads(history))]
+    checks = [
+        _linearizable(history, max_search_steps),
+        lost_check,
+        _outcome(check_no_aborted_reads(history)),
+    ]
     if bank_accounts:
         checks.append(_bank(history, bank_accounts, bank_total))
     live = quiet_ok_operations >= quiet_target_operations
