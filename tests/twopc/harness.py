@@ -53,6 +53,9 @@ COMMANDER_ADDRESS = "commander.test:1"
 # Real idle time before the mock clock jumps: longer than any SQLite call in the db's thread.
 AUTOJUMP_S = 0.05
 
+# Virtual seconds the clock may skip past a deadline while that thread works on a loaded machine.
+CLOCK_SLACK_S = 3.0
+
 Handler = Callable[[PeerInfo, Message], Awaitable[Message]]
 
 

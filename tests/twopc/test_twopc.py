@@ -29,6 +29,7 @@ from keyval.messages import (
 )
 from tests.twopc.harness import (
     AUTOJUMP_S,
+    CLOCK_SLACK_S,
     DB_ADDRESS,
     DRONES,
     Cluster,
@@ -43,10 +44,6 @@ ONE, TWO, THREE = (
     keys_on("drone-2", 1, "b")[0],
     keys_on("drone-3", 1, "c")[0],
 )
-
-
-# Virtual seconds the autojump clock may skip while the db's SQLite thread works (see harness).
-CLOCK_SLACK_S = 3.0
 
 
 @pytest.fixture
