@@ -206,7 +206,12 @@ class AsyncClient:
     ) -> AsyncTransaction:
         """A transaction; it must commit within `time_bound_ms` of its first operation."""
         self._check_open()
-        return AsyncTransaction(self._router, self._ack(ack), time_bound_ms=time_bound_ms)
+        return AsyncTransaction(
+            self._router,
+            self._ack(ack),
+            time_bound_ms=time_bound_ms,
+            fetch_many=self.get_many_entries,
+        )
 
     async def transact(
         self,

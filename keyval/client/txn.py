@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -42,6 +43,9 @@ class Entry(NamedTuple):
 
 
 ABSENT = Entry(None, 0)
+
+# Reads several keys at once (AsyncClient.get_many_entries): key -> Entry for every key asked.
+FetchMany = Callable[[list[Key]], Awaitable[dict[Key, Entry]]]
 
 
 class TxnBuffer:
@@ -111,11 +115,17 @@ class AsyncTransaction:
     """`async with client.transaction() as tx:` — commits when the block ends without error."""
 
     def __init__(
-        self, router: Router, ack: str, *, time_bound_ms: int = DEFAULT_TIME_BOUND_MS
+        self,
+        router: Router,
+        ack: str,
+        *,
+        time_bound_ms: int = DEFAULT_TIME_BOUND_MS,
+        fetch_many: FetchMany | None = None,
     ) -> None:
         if time_bound_ms <= 0:
             raise ValueError("time_bound_ms must be positive")
         self._router = router
+        self._fetch_many = fetch_many
         self._ack = ack
         self._buffer = TxnBuffer()
         self._state = _State.OPEN
@@ -164,6 +174,33 @@ class AsyncTransaction:
         entry = Entry(reply.value, reply.version) if reply.found else ABSENT
         self._buffer.record_read(canonical, key, entry)
         return entry
+
+    async def get_many(self, keys: Iterable[Key]) -> dict[Key, Any]:
+        """The keys that exist, mapped to their values; one request per drone, concurrently."""
+        entries = await self.get_many_entries(keys)
+        return {key: entry.value for key, entry in entries.items() if entry.version != 0}
+
+    async def get_many_entries(self, keys: Iterable[Key]) -> dict[Key, Entry]:
+        """Every key mapped to its Entry as this transaction sees it (reads are recorded)."""
+        self._check_open()
+        wanted = {admit_key(key): key for key in keys}
+        found: dict[Key, Entry] = {}
+        missing: dict[bytes, Key] = {}
+        for canonical, key in wanted.items():
+            known = self._buffer.lookup(canonical)
+            if known is None:
+                missing[canonical] = key
+            else:
+                found[key] = known
+        if missing and self._fetch_many is None:
+            for key in missing.values():
+                found[key] = await self.get_entry(key)
+        elif missing and self._fetch_many is not None:
+            fetched = await self._fetch_many(list(missing.values()))
+            for canonical, key in missing.items():
+                self._buffer.record_read(canonical, key, fetched[key])
+                found[key] = fetched[key]
+        return {key: found[key] for key in wanted.values()}
 
     async def put(self, key: Key, value: Any) -> None:
         self._check_open()

@@ -383,3 +383,19 @@ async def test_cycle_stays_intact_while_clients_vanish(cluster: Cluster, kv: Asy
         position = links[position]
     assert position == 0 and len(seen) == size, links
     assert committed > 0
+
+
+async def test_get_many_in_a_transaction_records_every_read(
+    cluster: Cluster, kv: AsyncClient
+) -> None:
+    await kv.put(ONE, 1)
+    await kv.put(THREE, 3)
+    async with kv.transaction() as tx:
+        await tx.put(TWO, 2)
+        assert await tx.get_many([ONE, TWO, THREE, "absent"]) == {ONE: 1, TWO: 2, THREE: 3}
+    with pytest.raises(Conflict):
+        async with kv.transaction() as tx:
+            seen = await tx.get_many([ONE, TWO, THREE])
+            await kv.put(THREE, 30)  # changes a key the snapshot read
+            await tx.put(ONE, sum(seen.values()))
+    assert await kv.get(ONE) == 1
