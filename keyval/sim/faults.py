@@ -311,6 +311,17 @@ async def _main_async(
     return report
 
 
+# Errors that mean the run could not be done (reported, exit 1), not a bug of the runner.
+RUN_NOT_CARRIED_OUT = (ProcessClusterError, FaultRunError, WireError, trio.TooSlowError)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups that trio's nurseries raise."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/faults",
@@ -365,12 +376,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"seed {seed}; cluster in {root}")
     try:
         report = trio.run(_main_async, options, root, log, args.history)
-    except (KeyboardInterrupt, Interrupted) as error:
-        log(f"interrupted ({type(error).__name__}); cluster stopped; files in {root}")
-        return EXIT_INTERRUPTED
-    except (ProcessClusterError, FaultRunError, WireError) as error:
-        log(f"run not carried out: {error}; files in {root}")
-        return EXIT_FAIL
+    except BaseException as error:  # sorted below; anything else is re-raised
+        leaves = _leaves(error)
+        if any(isinstance(leaf, KeyboardInterrupt | Interrupted) for leaf in leaves):
+            log(f"interrupted; cluster stopped; files in {root}")
+            return EXIT_INTERRUPTED
+        if all(isinstance(leaf, RUN_NOT_CARRIED_OUT) for leaf in leaves):
+            reasons = "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in leaves)
+            log(f"run not carried out: {reasons}; files in {root}")
+            return EXIT_FAIL
+        raise
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -89,7 +89,11 @@ class Injector:
         next_s = trio.current_time() + every_s
         while kinds and next_s < until_s:
             await trio.sleep_until(next_s)
-            await self.inject(self.rng.choice(list(kinds)))
+            kind = self.rng.choice(list(kinds))
+            try:
+                await self.inject(kind)
+            except (ProcessClusterError, trio.TooSlowError, OSError) as error:
+                self.error(f"{kind} failed: {type(error).__name__}: {error}")
             self.check_exits()
             next_s = max(next_s + every_s, trio.current_time())
 

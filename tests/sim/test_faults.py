@@ -269,7 +269,7 @@ def _gone(pid: int) -> bool:
 @pytest.mark.slow
 async def test_a_tiny_bounded_run_with_one_kill_passes(tmp_path: Path) -> None:
     options = FaultOptions(
-        seconds=8.0, kill_every_s=5.0, quiet_s=4.0, seed=7, faults=(FaultKind.KILL_DRONE,)
+        seconds=6.0, kill_every_s=3.0, quiet_s=3.0, seed=7, faults=(FaultKind.KILL_DRONE,)
     )
     history_file = tmp_path / "history.jsonl"
     logged: list[str] = []
@@ -306,3 +306,11 @@ def test_ctrl_c_stops_every_daemon(tmp_path: Path) -> None:
         trio.run(body)
     assert len(pids) == 5
     assert all(_gone(pid) for pid in pids)
+
+
+def test_errors_inside_nested_exception_groups_are_found() -> None:
+    inner = BaseExceptionGroup("inner", [KeyboardInterrupt(), ValueError("x")])
+    outer = BaseExceptionGroup("outer", [inner, ProcessClusterError("y")])
+    kinds = [type(leaf) for leaf in faults._leaves(outer)]
+    assert kinds == [KeyboardInterrupt, ValueError, ProcessClusterError]
+    assert faults._leaves(ValueError("z"))[0].args == ("z",)
