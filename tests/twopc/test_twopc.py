@@ -392,7 +392,8 @@ async def test_get_many_in_a_transaction_records_every_read(
     await kv.put(THREE, 3)
     async with kv.transaction() as tx:
         await tx.put(TWO, 2)
-        assert await tx.get_many([ONE, TWO, THREE, "absent"]) == {ONE: 1, TWO: 2, THREE: 3}
+        absent = keys_on("drone-2", 1, "absent")[0]
+        assert await tx.get_many([ONE, TWO, THREE, absent]) == {ONE: 1, TWO: 2, THREE: 3}
     with pytest.raises(Conflict):
         async with kv.transaction() as tx:
             seen = await tx.get_many([ONE, TWO, THREE])
