@@ -36,7 +36,9 @@ source is told `release`: it freezes the slot, drains its pending writes to the 
 Released) -> the map moves the slot to the target under epoch + 1 and is saved; the source
 promised not to serve the slot again, so the slot is not blocked for its lease, and the target
 gets its grant in the answer to its long poll and reseeds the slot from the db. A migration is
-dropped when either side fails or the source keeps silent past MIGRATION_TIMEOUT_S.
+dropped when either side fails; it becomes a plain handover (which waits for the source's lease)
+when the target does not poll within MIGRATION_PREPARE_S or the source does not release within
+MIGRATION_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ MAX_DRONES = 1000
 # A live move whose source has not released the slot this long after it was asked is
 # abandoned (the slot stays where it was): many heartbeat periods, so only a stuck source hits it.
 MIGRATION_TIMEOUT_S = 5.0
+
+# A live move's target that has not long-polled (AwaitGrant) this long does not speak the
+# live-move protocol (or is stuck): ten heartbeat periods, then the move becomes a plain handover.
+MIGRATION_PREPARE_S = 1.0
 
 
 class MovePhase(enum.Enum):
@@ -374,9 +380,15 @@ class CommanderState:
                 del self.drones[record.name]
                 instructions.append(DroneFailed(record.name, record.incarnation))
         for slot, migration in list(self.migrations.items()):
-            gone = migration.source not in self.drones or migration.target not in self.drones
-            if gone or now >= migration.started_at + MIGRATION_TIMEOUT_S:
+            if migration.source not in self.drones or migration.target not in self.drones:
                 del self.migrations[slot]
+                continue
+            limit_s = MIGRATION_PREPARE_S if migration.phase is MovePhase.PREPARING else 0.0
+            if now >= migration.started_at + (limit_s or MIGRATION_TIMEOUT_S):
+                # A target that never long-polls (or a source that never releases): fall back
+                # to a plain handover, which waits for the source's lease and is always safe.
+                del self.migrations[slot]
+                self._assign(slot, migration.target)
         for slot in [s for s, until in self._blocked_until.items() if until <= now]:
             del self._blocked_until[slot]
         self._plan(now)

@@ -268,6 +268,7 @@ def test_live_move_is_dropped_when_a_side_fails_or_the_source_stays_silent() -> 
     state.heartbeat("drone-3", incs["drone-3"], {}, 1.0 + EXPIRY_S)
     state.tick(1.0 + EXPIRY_S + 0.01)  # drone-2 (the target of slot 0) failed
     assert list(state.migrations) == [1]
+    state.target_waiting("drone-3", incs["drone-3"], [1])  # slot 1 reaches RELEASING
     for at in (2.0, 3.0, 4.0, 5.0, 6.5):
         state.heartbeat("drone-1", incs["drone-1"], {}, at)
         state.heartbeat("drone-3", incs["drone-3"], {}, at)
@@ -276,6 +277,20 @@ def test_live_move_is_dropped_when_a_side_fails_or_the_source_stays_silent() -> 
     assert state.migrations == {}
     with pytest.raises(BadRequest, match="not being released"):
         state.released("drone-1", incs["drone-1"], 1, 1, 7.0)
+    assert state.working.owners[1] == "drone-3"  # a silent source: plain handover instead
+
+
+def test_live_move_to_a_target_that_never_polls_becomes_a_plain_handover() -> None:
+    state, incs = start(2)
+    beat_all(state, incs, 1.0)
+    state.move(0, "drone-2", 1.0)
+    beat_all(state, incs, 1.5)
+    assert save_all(state, 1.5) == []
+    beat_all(state, incs, 2.0)
+    [save] = save_all(state, 2.0)
+    assert (0, 0, "drone-2", 2) in save.ranges
+    assert state.heartbeat("drone-2", incs["drone-2"], {}, 2.0)[0][0] != 0  # lease wait
+    assert state.heartbeat("drone-2", incs["drone-2"], {}, 2.0 + EXPIRY_S)[0] == (0, 0, 2)
 
 
 def test_move_and_rebalance_refuse_bad_input_and_change_nothing() -> None:
