@@ -200,8 +200,13 @@ def _receive(pipe: Connection, timeout_s: float) -> dict[str, Any]:
 async def run_worker(spec: WorkerSpec, pipe: Connection) -> None:
     # Each connection has its own connect deadline (its nursery must not sit inside ours).
     async with open_sessions(spec) as sessions:
-        with trio.fail_after(preload_timeout_s(spec.preload_stop - spec.preload_first)):
+        share = spec.preload_stop - spec.preload_first
+        with trio.move_on_after(preload_timeout_s(share)) as timer:
             written = await preload(spec, sessions)
+        if timer.cancelled_caught:
+            raise LoadGeneratorError(
+                f"preloading {share} keys took over {preload_timeout_s(share):.0f} s"
+            )
         _send(pipe, {"kind": "ready", "preloaded": written})
         order = await trio.to_thread.run_sync(_receive, pipe, GO_TIMEOUT_S)
         if order["kind"] == "stop":
