@@ -16,7 +16,7 @@ import trio
 from auth import keys
 from auth.messages import PrincipalAdd, PrincipalList, PrincipalListReply, PrincipalSetEnabled
 from keyval import messages
-from keyval.admin.errors import AdminError, NotSupported, UsageError
+from keyval.admin.errors import AdminError, UsageError
 from keyval.admin.grammar import COMMANDS, SPECS, Invocation, find_spec
 from keyval.admin.remote import AdminRemote
 from keyval.admin.results import (
@@ -50,7 +50,6 @@ CHANGE_POLL_S = 0.2
 # A drone whose last heartbeat is older than this is shown as "late" (the lease is gone then).
 LATE_HEARTBEAT_MS = LEASE_MS
 # Names of the messages a rebalance would need; keyval.messages has none yet.
-REBALANCE_MESSAGE_NAMES = ("Rebalance", "RebalanceRequest")
 
 
 async def execute(invocation: Invocation, remote: AdminRemote, progress: Progress) -> Result:
@@ -328,12 +327,29 @@ async def _drain(invocation: Invocation, remote: AdminRemote, progress: Progress
 
 
 async def _rebalance(invocation: Invocation, remote: AdminRemote, progress: Progress) -> Result:
-    if not any(hasattr(messages, name) for name in REBALANCE_MESSAGE_NAMES):
-        raise NotSupported(
-            "rebalance is not supported by this commander yet (it rebalances on its own when "
-            "a drone joins; use 'move' or 'drain' meanwhile)"
-        )
-    raise NotSupported("this admin tool does not know the commander's rebalance message yet")
+    before = await remote.get_map()
+    change = await remote.commander_request(messages.Rebalance())
+    version = _map_change(change).version
+    progress(f"rebalancing: map version {version}")
+    after = await _wait_for(remote, version, lambda slot_map: None, progress)
+    old_owners = _owners(before)
+    moved = sum(1 for slot, owner in _owners(after).items() if old_owners.get(slot) != owner)
+    shares = {row.drone: 0 for row in _rows(after)}
+    for row in _rows(after):
+        shares[row.drone] += row.count
+    return DoneResult(
+        f"rebalanced: {moved} slots moved (map version {after.version}); "
+        + ", ".join(f"{drone} {count}" for drone, count in sorted(shares.items())),
+        {"slots_moved": moved, "map_version": after.version, "slots_per_drone": shares},
+    )
+
+
+def _owners(slot_map: SlotMap) -> dict[int, str]:
+    owners: dict[int, str] = {}
+    for first, last, drone, _epoch in slot_map.ranges:
+        for slot in range(first, last + 1):
+            owners[slot] = drone
+    return owners
 
 
 def _owned(slot_map: SlotMap, drone: str) -> int:
