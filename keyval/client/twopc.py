@@ -127,6 +127,8 @@ async def commit_across(
             cause = retry.__cause__
             if isinstance(cause, Moved):
                 await router.classify(cause, attempts, allow_ask=False)
+            else:  # a drone unreachable: its slots may have moved on since the map was read
+                await router.refresh(attempts, seen=router.refreshes)
             pause = attempts.next_pause_s(trio.current_time(), router.rng)
             if pause is None:
                 raise Unavailable(f"cross-drone commit kept failing: {cause}") from cause

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 
@@ -24,8 +24,10 @@ from keyval.client.routing import Route
 from keyval.client.twopc import DEFAULT_TIME_BOUND_MS, TransactionTooOld, commit_across
 from keyval.keys import key_slot
 from keyval.messages import Committed, Get, TxnCommit, ValueReply
-from wire.errors import Conflict, Internal, TooLarge
+from wire.errors import Conflict, Internal, TooLarge, WireError
 from wire.messages import Key
+
+T = TypeVar("T")
 
 OP_ID_BYTES = 16  # 128 random bits: a collision between two clients' op ids is not a concern
 
@@ -196,7 +198,7 @@ class AsyncTransaction:
             for key in missing.values():
                 found[key] = await self.get_entry(key)
         elif missing and self._fetch_many is not None:
-            fetched = await self._fetch_many(list(missing.values()))
+            fetched = await _single_error(self._fetch_many(list(missing.values())))
             for canonical, key in missing.items():
                 self._buffer.record_read(canonical, key, fetched[key])
                 found[key] = fetched[key]
@@ -265,6 +267,26 @@ class AsyncTransaction:
                 detail={"drones": sorted(routes)},
             )
         return next(iter(routes.values()))
+
+
+async def _single_error(call: Awaitable[T]) -> T:
+    """Await `call`; a group of wire errors from its concurrent requests (one per drone)
+    becomes its first error, the way a single-key read reports one."""
+    try:
+        return await call
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if leaves and all(isinstance(leaf, WireError) for leaf in leaves):
+            raise leaves[0] from group
+        raise
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
 
 
 async def pause_before_rerun(router: Router, attempt: int) -> None:
