@@ -164,6 +164,29 @@ class DbSlotPage(Message):
     done: bool
 
 
+@message("db.read_slots")
+class DbReadSlots(Message):
+    """A page of every live key of slots first..last in (slot, key) order, resuming strictly
+    after (after_slot, after_key) when given. Every slot of the range is fenced by `grant`."""
+
+    grant: Grant
+    first: int
+    last: int
+    after_slot: int | None = None
+    after_key: bytes | None = None
+    limit_items: int = 5000
+    limit_bytes: int = 768 * 1024
+
+
+@message("db.slots_page")
+class DbSlotsPage(Message):
+    """`items` as (slot, canonical key, value, version) in (slot, key) order; `next` is the
+    (slot, key) to resume after, None when the range is exhausted."""
+
+    items: list[tuple[int, bytes, Any, int]]
+    next: tuple[int, bytes] | None
+
+
 # ---------------------------------------------------------------- commander -> db
 
 

@@ -19,6 +19,7 @@ from keyval.db.records import (
     MapRecord,
     OpResult,
     PreparedOp,
+    RangeItem,
     SaveMapOutcome,
     SlotFence,
     SlotItem,
@@ -75,6 +76,13 @@ class Backend(Protocol):
     ) -> tuple[list[SlotItem], bool]:
         """Live keys of `slot` after `after` in key order: at most `limit` items and, past the
         first item, at most `max_bytes` of keys and values; and True when none are left."""
+
+    def read_slots(
+        self, first: int, last: int, after: tuple[int, bytes] | None, limit: int, max_bytes: int
+    ) -> tuple[list[RangeItem], bool]:
+        """Live keys of slots first..last in (slot, key) order, strictly after `after` when
+        given: at most `limit` items and, past the first, at most `max_bytes` of keys and
+        values; and True when none are left in the range."""
 
     def purge_op_results(self, older_than_ms: int) -> int:
         """Forget op results committed before `older_than_ms`; return how many."""

@@ -33,6 +33,16 @@ class FenceTable:
         self._raise(slot, grant.term, epoch)
         return epoch
 
+    def admit_range(self, grant: Grant, first: int, last: int) -> None:
+        """`admit` for every slot of first..last, all or none: Fenced (naming the first stale
+        or uncovered slot) before any fence rises. The caller has verified the grant's MAC."""
+        epochs = [
+            check_fence(grant, slot, self._terms[slot], self._epochs[slot])
+            for slot in range(first, last + 1)
+        ]
+        for slot, epoch in zip(range(first, last + 1), epochs, strict=True):
+            self._raise(slot, grant.term, epoch)
+
     def _raise(self, slot: int, term: int, epoch: int) -> None:
         if term > self._terms[slot] or epoch > self._epochs[slot]:
             self._terms[slot] = max(term, self._terms[slot])

@@ -77,6 +77,16 @@ class SlotItem:
 
 
 @dataclass(frozen=True, slots=True)
+class RangeItem:
+    """One live key of a slot-range read."""
+
+    slot: int
+    key: bytes
+    value: bytes  # CBOR
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
 class DecisionRecord:
     """A 2PC decision to record (first one per txid wins) and, for commit, the writes of every
     participant, stored in the same transaction only if this decision is the one that stands."""

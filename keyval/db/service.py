@@ -46,9 +46,11 @@ from keyval.messages import (
     DbMap,
     DbOp,
     DbReadSlot,
+    DbReadSlots,
     DbRegisterTerm,
     DbSaveMap,
     DbSlotPage,
+    DbSlotsPage,
     DbTerm,
     DbTxnVote,
     DbWrite,
@@ -89,6 +91,10 @@ MAX_GRANTS_PER_REQUEST = 16
 # keys and values, so a page always fits the 1 MiB frame (one max value is 512 KiB).
 MAX_SLOT_PAGE_ITEMS = 10_000
 SLOT_PAGE_MAX_BYTES = 768 * 1024
+
+# Slots one db.read_slots may span: every slot of the range is fence-checked on every page, so
+# this bounds that work (a drone reads a failover's thousands of slots in runs of this size).
+MAX_READ_SLOTS_SPAN = 2048
 
 # 2PC transaction ids: random ids of 16 bytes in practice; 64 bounds the decision table rows.
 MAX_TXID_BYTES = 64
@@ -186,6 +192,7 @@ class Database:
         self._routes = {
             DbWriteBatch: (ROLE_DRONE, self._write_batch),
             DbReadSlot: (ROLE_DRONE, self._read_slot),
+            DbReadSlots: (ROLE_DRONE, self._read_slots),
             DbRegisterTerm: (ROLE_COMMANDER, self._register_term),
             DbSaveMap: (ROLE_COMMANDER, self._save_map),
             DbLoadMap: (ROLE_COMMANDER, self._load_map),
@@ -338,6 +345,34 @@ class Database:
         decoded = [(item.key, codec.decode(item.value), item.version) for item in items]
         return DbSlotPage(decoded, done)
 
+    async def _read_slots(self, peer: PeerInfo, request: DbReadSlots) -> DbSlotsPage:
+        first, last = check_slot_span(request)
+        after = check_resume_point(request, first, last)
+        if not 1 <= request.limit_items <= MAX_SLOT_PAGE_ITEMS:
+            raise BadRequest(f"limit_items {request.limit_items} outside 1..{MAX_SLOT_PAGE_ITEMS}")
+        if request.limit_bytes < 1:
+            raise BadRequest(f"limit_bytes must be positive, not {request.limit_bytes}")
+        max_bytes = min(request.limit_bytes, SLOT_PAGE_MAX_BYTES)
+        verify_grant(request.grant, self._grant_key, drone=peer.name)
+        # Only the slots still to be read are fenced: those before the resume point were
+        # fenced by the pages that read them.
+        start = first if after is None else after[0]
+        async with self._order:
+            self._fences.admit_range(request.grant, start, last)
+            fences = self._fences.take_pending()
+            try:
+                if fences:  # the raised fences are stored before the data leaves
+                    await self._call(self.backend.save_fences, fences)
+                items, done = await self._call(
+                    self.backend.read_slots, first, last, after, request.limit_items, max_bytes
+                )
+            except StorageError as error:
+                self._fences.return_pending(fences)
+                raise storage_unavailable(error) from None
+        decoded = [(item.slot, item.key, codec.decode(item.value), item.version) for item in items]
+        resume = None if done or not items else (items[-1].slot, items[-1].key)
+        return DbSlotsPage(decoded, resume)
+
     # ------------------------------------------------------------ commander
 
     async def _register_term(self, peer: PeerInfo, request: DbRegisterTerm) -> DbTerm:
@@ -479,6 +514,34 @@ class Database:
             logger.info("2PC transaction %s aborted at commit: %s", record.txid.hex(), error)
             return DecisionRecord(record.txid, DECISION_ABORT, ())
         return record
+
+
+def check_slot_span(request: DbReadSlots) -> tuple[int, int]:
+    """(first, last) of a slot-range read; BadRequest/TooLarge for a bad or too wide range."""
+    first, last = request.first, request.last
+    if not 0 <= first <= last < NUM_SLOTS:
+        raise BadRequest(f"slot range {first}..{last} is not inside 0..{NUM_SLOTS - 1}")
+    if last - first + 1 > MAX_READ_SLOTS_SPAN:
+        raise TooLarge(
+            f"slot range {first}..{last} spans {last - first + 1} slots, "
+            f"limit {MAX_READ_SLOTS_SPAN}"
+        )
+    return first, last
+
+
+def check_resume_point(request: DbReadSlots, first: int, last: int) -> tuple[int, bytes] | None:
+    """The (slot, key) a slot-range read resumes after, or None to start at `first`."""
+    if request.after_slot is None:
+        if request.after_key is not None:
+            raise BadRequest("'after_key' without 'after_slot'")
+        return None
+    if request.after_key is None:
+        raise BadRequest("'after_slot' without 'after_key'")
+    if not first <= request.after_slot <= last:
+        raise BadRequest(f"after_slot {request.after_slot} is outside {first}..{last}")
+    if len(request.after_key) > DEFAULT_MAX_KEY_BYTES:
+        raise BadRequest("'after_key' is longer than any key")
+    return request.after_slot, request.after_key
 
 
 def check_txid(txid: bytes) -> None:

@@ -23,6 +23,7 @@ from keyval.db.records import (
     MapRecord,
     OpResult,
     PreparedOp,
+    RangeItem,
     SaveMapOutcome,
     SlotFence,
     SlotItem,
@@ -311,6 +312,30 @@ class SqlBackend:
 
         return self._run("read", work)
 
+    def read_slots(
+        self, first: int, last: int, after: tuple[int, bytes] | None, limit: int, max_bytes: int
+    ) -> tuple[list[RangeItem], bool]:
+        def work(cursor: Any) -> tuple[list[RangeItem], bool]:
+            # One range scan of the (slot, key) primary key; `limit + 1` rows tell whether
+            # the range is exhausted.
+            arguments: tuple[Any, ...]
+            if after is None:
+                where, arguments = "slot >= ?", (first,)
+            else:
+                # A row-value comparison: both stores turn it into one index range scan
+                # (an OR of slot and key terms made SQLite sort a union of two scans).
+                where, arguments = "(slot, key) > (?, ?)", (after[0], after[1])
+            cursor.execute(
+                self._sql(
+                    f"SELECT slot, key, value, version FROM kv_items WHERE {where} "
+                    "AND slot <= ? AND deleted = 0 ORDER BY slot, key LIMIT ?"
+                ),
+                (*arguments, last, limit + 1),
+            )
+            return _take_range_within(cursor, limit, max_bytes)
+
+        return self._run("read", work)
+
     def purge_op_results(self, older_than_ms: int) -> int:
         def work(cursor: Any) -> int:
             cursor.execute(
@@ -388,4 +413,18 @@ def _take_within(cursor: Any, limit: int, max_bytes: int) -> tuple[list[SlotItem
                 return items, False
             used_bytes += size
             items.append(SlotItem(bytes(key), bytes(value), int(version)))
+    return items, True
+
+
+def _take_range_within(cursor: Any, limit: int, max_bytes: int) -> tuple[list[RangeItem], bool]:
+    """`_take_within` for (slot, key, value, version) rows."""
+    items: list[RangeItem] = []
+    used_bytes = 0
+    while rows := cursor.fetchmany(READ_FETCH_ROWS):
+        for slot, key, value, version in rows:
+            size = len(key) + len(value)
+            if len(items) == limit or (items and used_bytes + size > max_bytes):
+                return items, False
+            used_bytes += size
+            items.append(RangeItem(int(slot), bytes(key), bytes(value), int(version)))
     return items, True
