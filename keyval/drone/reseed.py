@@ -1,13 +1,18 @@
-"""Reseed: stream a newly granted slot from the db before serving it.
+"""Reseed: stream newly granted slots from the db before serving them.
 
-The drone pages through DbReadSlot with its current grant (the db fences a stale one), builds
-the slot's ordered map aside, and installs it only if the slot is still granted under the same
-epoch when the last page arrives. Until then requests for the slot wait or get UNAVAILABLE.
+A grant's new slots are loaded in contiguous runs with the bulk read db.read_slots: one page
+carries the items of many slots in (slot, key) order, so a failover's thousands of small
+slots take a few round trips instead of one each. The db fences every slot of the range with
+the drone's current grant. Each slot is installed, and served, as soon as a page has passed
+it (the page's resume point lies in a later slot, or the range is exhausted), and only if it
+is still granted under the epoch it was loaded for. Until then requests for the slot wait or
+get UNAVAILABLE. A live move's target reloads its one slot the same way (a run of one).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import trio
 
@@ -15,51 +20,57 @@ from keyval import observe
 from keyval.drone.batcher import DbLink
 from keyval.drone.slots import Drop, Instruction, Reseed
 from keyval.drone.state import DroneState
-from keyval.messages import DbReadSlot, DbSlotPage
+from keyval.messages import DbReadSlots, DbSlotsPage
 from keyval.store import Item
-from wire.errors import Internal, ServiceError
+from wire.errors import Fenced, Internal, ServiceError
 
 log = logging.getLogger("keyval.drone")
 
-# Keys per DbReadSlot page: large enough to stream fast, small enough for one frame of
-# small values (the db also caps a page by bytes).
-RESEED_PAGE_KEYS = 2000
+# A (slot, epoch) the grant handed over, to load.
+SlotEpoch = tuple[int, int]
 
-# Pages one slot may take: 16384 pages of 2000 keys is 32 M keys, far past one slot's share.
+# Items and key+value bytes per db.read_slots page: a few thousand small items amortize the
+# round trip; the bytes stay under the db's own page cap (768 KiB) so a page fits one 1 MiB
+# frame with its envelope.
+RESEED_PAGE_ITEMS = 5000
+RESEED_PAGE_BYTES = 768 * 1024
+
+# Slots one run spans: within the db's MAX_READ_SLOTS_SPAN (2048), and small enough that a
+# failover's slots split into several runs that stream concurrently.
+MAX_RUN_SLOTS = 1024
+
+# Pages one run may take: 16384 pages of 5000 keys is 80 M keys, far past one drone's share.
 MAX_RESEED_PAGES = 16384
 
-# How long one page may take before the reseed is abandoned (and retried on a later grant).
+# How long one page may take before the run is abandoned and retried (while still granted).
 RESEED_PAGE_TIMEOUT_MS = 10_000
 
-# Slots streamed at once: bounds memory held aside and load on the db during a rebalance.
-# A failover hands a survivor thousands of (mostly small) slots, one db round trip each; 32 in
-# flight keep the db busy instead of waiting on round trips (4 took > 10 s for 5461 slots on
-# a loaded 2-core machine).
-MAX_CONCURRENT_RESEEDS = 32
+# Runs streamed at once: a few keep the db reading the next page while the drone installs
+# the last one (db and drone are separate processes), yet bound the memory held aside and the
+# db's load during a rebalance.
+MAX_CONCURRENT_RESEEDS = 4
 
-# Pause before retrying a failed reseed: the db may be restarting or the grant being replaced.
+# Pause before retrying a failed read: the db may be restarting or the grant being replaced.
 RESEED_RETRY_MS = 200
 
 
-async def read_slot(link: DbLink, state: DroneState, slot: int) -> list[Item]:
-    """Every (key, value, version) of `slot` in the db, read under the current grant."""
-    items: list[Item] = []
-    after: bytes | None = None
-    for _ in range(MAX_RESEED_PAGES):
-        grant = state.table.grant
-        if grant is None:
-            raise Internal("no grant to reseed with")
-        reply = await link.request(
-            DbReadSlot(grant=grant, slot=slot, after=after, limit=RESEED_PAGE_KEYS),
-            timeout=RESEED_PAGE_TIMEOUT_MS / 1000,
-        )
-        if not isinstance(reply, DbSlotPage):
-            raise Internal(f"db answered a slot read with {type(reply).__name__}")
-        items.extend(reply.items)
-        if reply.done or not reply.items:
-            return items
-        after = reply.items[-1][0]
-    raise Internal(f"slot {slot} has more than {MAX_RESEED_PAGES} pages")
+def plan_runs(reseeds: Iterable[Reseed]) -> list[list[SlotEpoch]]:
+    """The slots to load as runs of consecutive slots, each at most MAX_RUN_SLOTS long."""
+    runs: list[list[SlotEpoch]] = []
+    for reseed in sorted(reseeds, key=lambda r: r.slot):
+        if runs and runs[-1][-1][0] + 1 == reseed.slot and len(runs[-1]) < MAX_RUN_SLOTS:
+            runs[-1].append((reseed.slot, reseed.epoch))
+        else:
+            runs.append([(reseed.slot, reseed.epoch)])
+    return runs
+
+
+def first_contiguous(slots: list[SlotEpoch]) -> list[SlotEpoch]:
+    """The leading part of sorted `slots` whose slot numbers are consecutive."""
+    end = 1
+    while end < len(slots) and slots[end][0] == slots[end - 1][0] + 1:
+        end += 1
+    return slots[:end]
 
 
 class Reseeder:
@@ -74,32 +85,108 @@ class Reseeder:
         self.link = link
 
     def carry_out(self, instructions: list[Instruction], nursery: trio.Nursery) -> None:
+        reseeds: list[Reseed] = []
         for instruction in instructions:
             if isinstance(instruction, Drop):
                 self.state.store.drop_slot(instruction.slot)
             elif isinstance(instruction, Reseed):
-                nursery.start_soon(self.reseed, instruction)
+                reseeds.append(instruction)
+        for run in plan_runs(reseeds):
+            nursery.start_soon(self.reseed_run, run)
 
     async def reseed(self, instruction: Reseed) -> None:
-        """Load the slot, retrying while it stays granted under the same epoch."""
-        slot, epoch = instruction.slot, instruction.epoch
+        """Load one slot (a run of one)."""
+        await self.reseed_run([(instruction.slot, instruction.epoch)])
+
+    async def reseed_run(self, run: list[SlotEpoch]) -> None:
+        """Load `run`'s slots, retrying those still granted under the same epoch until each
+        is installed. A slot the db fences is set aside so the rest of the run goes on."""
         metrics = observe.current_metrics()
-        while self.state.table.epoch_of(slot) == epoch:
+        todo = list(run)
+        loaded: set[int] = set()
+        set_aside: set[int] = set()  # fenced: retried after a pause (a new grant may drop it)
+        while True:
+            todo = [
+                (slot, epoch)
+                for slot, epoch in todo
+                if slot not in loaded and self.state.table.epoch_of(slot) == epoch
+            ]
+            ready = [entry for entry in todo if entry[0] not in set_aside]
+            if not todo:
+                return
+            if not ready:
+                await trio.sleep(RESEED_RETRY_MS / 1000)
+                set_aside.clear()
+                continue
+            part = first_contiguous(ready)
             try:
                 async with self._limiter:
-                    if self.state.table.epoch_of(slot) != epoch:
-                        return
-                    with metrics.reseeds_in_progress.track_inprogress():
-                        items = await read_slot(self.link, self.state, slot)
+                    metrics.reseeds_in_progress.inc(len(part))
+                    try:
+                        await self._load(part, loaded)
+                    finally:
+                        metrics.reseeds_in_progress.dec(len(part))
             except ServiceError as error:
                 metrics.reseed_failures.inc()
-                log.warning("reseed of slot %d failed: %s; retrying", slot, error.message)
-                await trio.sleep(RESEED_RETRY_MS / 1000)
-                continue
-            if self.install(slot, epoch, items):
-                metrics.reseeds.inc()
-                metrics.reseed_keys.inc(len(items))
-            return
+                log.warning(
+                    "reseed of slots %d..%d failed: %s; retrying",
+                    part[0][0],
+                    part[-1][0],
+                    error.message,
+                )
+                stale = error.detail.get("slot") if isinstance(error, Fenced) else None
+                if isinstance(stale, int) and any(slot == stale for slot, _ in part):
+                    set_aside.add(stale)
+                else:
+                    await trio.sleep(RESEED_RETRY_MS / 1000)
+
+    async def _load(self, part: list[SlotEpoch], loaded: set[int]) -> None:
+        """Page through the consecutive slots of `part`, installing each slot once a page has
+        passed it. Returns early (the caller re-plans) when a slot is no longer wanted."""
+        epochs = dict(part)
+        last = part[-1][0]
+        next_slot = part[0][0]  # the lowest slot not installed yet
+        after: tuple[int, bytes] | None = None
+        held: dict[int, list[Item]] = {}
+        for _ in range(MAX_RESEED_PAGES):
+            if any(self.state.table.epoch_of(s) != epochs[s] for s in range(next_slot, last + 1)):
+                return
+            page = await self._read_page(next_slot, last, after)
+            for slot, key, value, version in page.items:
+                if not next_slot <= slot <= last:
+                    raise Internal(f"db sent slot {slot} for a read of {next_slot}..{last}")
+                held.setdefault(slot, []).append((key, value, version))
+            passed = last if page.next is None else page.next[0] - 1
+            for slot in range(next_slot, passed + 1):
+                self.install(slot, epochs[slot], held.pop(slot, []))
+                loaded.add(slot)
+            next_slot = passed + 1
+            if page.next is None:
+                return
+            after = page.next
+        raise Internal(f"slots {part[0][0]}..{last} take more than {MAX_RESEED_PAGES} pages")
+
+    async def _read_page(
+        self, first: int, last: int, after: tuple[int, bytes] | None
+    ) -> DbSlotsPage:
+        grant = self.state.table.grant
+        if grant is None:
+            raise Internal("no grant to reseed with")
+        request = DbReadSlots(
+            grant=grant,
+            first=first,
+            last=last,
+            after_slot=None if after is None else after[0],
+            after_key=None if after is None else after[1],
+            limit_items=RESEED_PAGE_ITEMS,
+            limit_bytes=RESEED_PAGE_BYTES,
+        )
+        reply = await self.link.request(request, timeout=RESEED_PAGE_TIMEOUT_MS / 1000)
+        if not isinstance(reply, DbSlotsPage):
+            raise Internal(f"db answered a slot-range read with {type(reply).__name__}")
+        if reply.next is not None and not first <= reply.next[0] <= last:
+            raise Internal(f"db resumes at slot {reply.next[0]}, outside {first}..{last}")
+        return reply
 
     def install(self, slot: int, epoch: int, items: list[Item]) -> bool:
         """Install a loaded slot if it is still wanted; wake requests waiting for it."""
@@ -108,4 +195,7 @@ class Reseeder:
         self.state.store.install_slot(slot, items)
         self.state.table.mark_loaded(slot, epoch)
         self.state.notify_loaded()
+        metrics = observe.current_metrics()
+        metrics.reseeds.inc()
+        metrics.reseed_keys.inc(len(items))
         return True
