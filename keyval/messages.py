@@ -256,6 +256,9 @@ class Heartbeat(Message):
     incarnation: int
     load: dict[str, Any]  # keys, bytes, ops_per_s, ...
     ready: list[tuple[int, int, int]]  # ranges (first, last, epoch) loaded and serving
+    # The `sent_ms` of the last reply this drone got from this commander (its leader), echoed:
+    # the leader's lease on a majority (keyval.commander.election). 0: none.
+    ack_ms: int = 0
 
 
 @message("cmd.heartbeat_reply")
@@ -266,6 +269,7 @@ class HeartbeatReply(Message):
     release: list[int] = field(default_factory=list)
     # ... and slots coming to this drone (send AwaitGrant to get them at once).
     importing: list[int] = field(default_factory=list)
+    sent_ms: int = 0  # the commander's clock when it answered (the drone echoes it: ack_ms)
 
 
 @message("cmd.await_grant")
@@ -372,6 +376,34 @@ class ClusterStatus(Message):
     phase: str  # "waiting" | "resuming" | "running" (keyval.commander.state.Phase values)
     map_version: int  # the saved map's version
     drones: list[DroneStatus]  # every registered drone, live or draining, by name
+    commander: str = ""  # the answering commander (a standby answers with its own view)
+    role: str = "leader"  # its election role: "leader" | "candidate" | "follower"
+    votes: int = 0  # votes it holds in `term` (candidate or leader)
+    electorate: int = 0  # enabled drones the authority knows (a majority of them elects)
+
+
+# ---------------------------------------------------------------- drone <-> commander: election
+
+
+@message("cmd.ballot")
+class Ballot(Message):
+    """A leaderless drone's report to a commander: the newest term it knows and whom it voted
+    for in it ("" nobody). Naming this commander in its candidate term is the vote itself."""
+
+    drone: str
+    term: int
+    voted_for: str
+    ack_ms: int = 0  # the last sent_ms this commander gave the drone, if it supports it
+
+
+@message("cmd.ballot_reply")
+class BallotReply(Message):
+    commander: str
+    role: str  # "leader" | "candidate" | "follower"
+    term: int  # its term (the highest it has seen)
+    leader: str  # who leads that term, when known ("" otherwise)
+    votes: int  # votes it holds in `term`
+    sent_ms: int  # its clock when it answered
 
 
 # ---------------------------------------------------------------- cross-drone transactions (2PC)
