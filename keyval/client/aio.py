@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -13,10 +14,10 @@ import trio
 
 from keyval.client.checks import admit_ack, admit_key, admit_value, admit_version
 from keyval.client.config import ClientSettings, load_settings
-from keyval.client.errors import ClientClosed, TooManyConflicts
+from keyval.client.errors import ClientClosed, DeadlineExceeded, NoOwner, TooManyConflicts
 from keyval.client.links import Dialer, LinkPool, TicketDialer
 from keyval.client.policy import Attempts, RetryPolicy
-from keyval.client.router import Router
+from keyval.client.router import RetryDecision, Router, merge_decisions
 from keyval.client.routing import Route
 from keyval.client.scanning import Item, ScanCursor
 from keyval.client.twopc import DEFAULT_TIME_BOUND_MS
@@ -32,7 +33,16 @@ from keyval.messages import (
     ValuesReply,
     Written,
 )
-from wire.errors import Ask, Conflict, Internal, Moved
+from wire.errors import (
+    Ask,
+    Conflict,
+    Internal,
+    Moved,
+    ServiceError,
+    Timeout,
+    TooLarge,
+    Unavailable,
+)
 from wire.messages import Key, Message
 
 T = TypeVar("T")
@@ -40,6 +50,25 @@ T = TypeVar("T")
 # Re-runs of a transaction function that keeps losing to conflicts before `transact` gives up
 # (FoundationDB retries until its 5 s transaction timeout; a count is easier to reason about).
 MAX_TRANSACTION_ATTEMPTS = 10
+
+# Keys in one GetMany request: the drone's per-request bound (keyval.drone.reads.
+# MAX_GET_MANY_KEYS); a larger get_many is split into requests of this size.
+GET_MANY_KEYS_PER_REQUEST = 1000
+
+
+@dataclasses.dataclass(slots=True)
+class _GetManyRound:
+    """The keys of one get_many round to try again, and why."""
+
+    retry: list[Key] = dataclasses.field(default_factory=list)
+    decisions: list[RetryDecision] = dataclasses.field(default_factory=list)
+    last_error: ServiceError | None = None
+    fatal: ServiceError | None = None  # an error no retry can cure: raised to the caller
+
+    def failed(self, keys: list[Key], decision: RetryDecision, error: ServiceError) -> None:
+        self.retry.extend(keys)
+        self.decisions.append(decision)
+        self.last_error = error
 
 
 class AsyncClient:
@@ -83,29 +112,48 @@ class AsyncClient:
         return {key: entry.value for key, entry in entries.items() if entry.version != 0}
 
     async def get_many_entries(self, keys: Iterable[Key]) -> dict[Key, Entry]:
-        """Every key mapped to its Entry; one request per owning drone, sent concurrently."""
+        """Every key mapped to its Entry; requests per owning drone (at most
+        GET_MANY_KEYS_PER_REQUEST keys each), sent concurrently. Keys whose request failed
+        (moved, unreachable drone, loading) are grouped again by the latest map and retried
+        under one deadline for the whole call."""
         self._check_open()
         unique = {admit_key(key): key for key in keys}
         found: dict[Key, Entry] = {}
         pending = list(unique.values())
         attempts = self._router.start()
         while pending:
-            groups = await self._group_by_drone(pending, attempts)
-            redirected: list[Key] = []
+            round_ = _GetManyRound()
+            groups = await self._group_by_drone(pending, attempts, round_)
             async with trio.open_nursery() as nursery:
                 for route, group in groups:
-                    nursery.start_soon(self._get_group, route, group, attempts, found, redirected)
-            pending = redirected
+                    nursery.start_soon(self._get_group, route, group, attempts, found, round_)
+            if round_.fatal is not None:
+                raise round_.fatal
+            pending = round_.retry
+            if pending and round_.last_error is not None:
+                decision = merge_decisions(round_.decisions)
+                await self._router.back_off(attempts, decision, round_.last_error)
         return {key: found[key] for key in unique.values()}
 
     async def _group_by_drone(
-        self, keys: list[Key], attempts: Attempts
+        self, keys: list[Key], attempts: Attempts, round_: _GetManyRound
     ) -> list[tuple[Route, list[Key]]]:
+        """Keys by owning drone, in requests of at most GET_MANY_KEYS_PER_REQUEST keys; keys of
+        slots the map gives no owner go to `round_` (after a map refresh) for the next round."""
         groups: dict[str, tuple[Route, list[Key]]] = {}
         for key in keys:
-            route = await self._router.route(key_slot(key), attempts)
+            try:
+                route = await self._router.route(key_slot(key), attempts)
+            except NoOwner as error:
+                decision = await self._router.classify(error, attempts, allow_ask=False)
+                round_.failed([key], decision, error)
+                continue
             groups.setdefault(route.drone, (route, []))[1].append(key)
-        return list(groups.values())
+        return [
+            (route, group[start : start + GET_MANY_KEYS_PER_REQUEST])
+            for route, group in groups.values()
+            for start in range(0, len(group), GET_MANY_KEYS_PER_REQUEST)
+        ]
 
     async def _get_group(
         self,
@@ -113,17 +161,42 @@ class AsyncClient:
         keys: list[Key],
         attempts: Attempts,
         found: dict[Key, Entry],
-        redirected: list[Key],
+        round_: _GetManyRound,
+    ) -> None:
+        """One GetMany try; keys that must be tried again go to `round_`, an error that
+        ends the call is kept there (raised once every request of the round is done)."""
+        try:
+            await self._try_group(route, keys, attempts, found, round_)
+        except ServiceError as error:
+            if round_.fatal is None:
+                round_.fatal = error
+
+    async def _try_group(
+        self,
+        route: Route,
+        keys: list[Key],
+        attempts: Attempts,
+        found: dict[Key, Entry],
+        round_: _GetManyRound,
     ) -> None:
         try:
-            reply = await self._router.call_at(route, GetMany(keys=keys), attempts)
-        except Moved as error:
-            await self._router.classify(error, attempts, allow_ask=False)
-            redirected.extend(keys)  # regrouped with the new map on the next round
-            return
+            reply = await self._router.send(route, GetMany(keys=keys), attempts)
+        except DeadlineExceeded:
+            raise
         except Ask:
             for key in keys:  # a slot is moving: ASK applies per key, so ask per key
                 found[key] = await self.get_entry(key)
+            return
+        except TooLarge:
+            if len(keys) == 1:
+                raise
+            half = len(keys) // 2  # the values do not fit one reply: ask for fewer at once
+            await self._try_group(route, keys[:half], attempts, found, round_)
+            await self._try_group(route, keys[half:], attempts, found, round_)
+            return
+        except (Moved, Unavailable, Timeout) as error:
+            decision = await self._router.classify(error, attempts, allow_ask=False)
+            round_.failed(keys, decision, error)  # regrouped with the latest map next round
             return
         values = _expect(reply, ValuesReply)
         if len(values.items) != len(keys):

@@ -7,6 +7,10 @@ link pool, and the retry loop every call goes through:
 - ASK: retry this one request at detail["address"], without changing the map.
 - UNAVAILABLE, TIMEOUT, a lost connection: pause (exponential backoff with jitter, at least
   the server's retry_after_ms) and retry, until the call's deadline or attempt limit.
+- A drone that cannot be reached (UNAVAILABLE without retry_after_ms: refused, reset or lost
+  connection; or TIMEOUT): its link is dropped and the slot map re-fetched (at most once per
+  UNREACHABLE_REFRESH_INTERVAL_S), so after a failover the next try finds the slot's new
+  owner; while the map still names the dead drone, pauses stay short.
 - anything else (CONFLICT, BAD_REQUEST, FORBIDDEN, ...): raised to the caller at once.
 
 Mutations carry a client-chosen op_id that every retry reuses, so a retry applies once.
@@ -39,12 +43,23 @@ T = TypeVar("T")
 # can at worst send us round the configured list once more.
 MAX_COMMANDER_HOPS_PER_ROUND = 8
 
+# Map re-fetches caused by unreachable drones, at most one per this interval (per client): a
+# commander's heartbeat interval (100 ms), so a failover shows within one refresh, while a dead
+# drone hammered by many tasks costs the commander at most 10 map requests a second.
+UNREACHABLE_REFRESH_INTERVAL_S = 0.1
+
+# Longest pause after an unreachable drone while the map still names it: about two refresh
+# intervals, so the retry sees the map the commander saves once the drone's lease has lapsed
+# (the plain backoff would grow to DEFAULT_MAX_DELAY_S).
+UNREACHABLE_MAX_PAUSE_S = 0.2
+
 
 @dataclasses.dataclass(slots=True)
-class _Retry:
+class RetryDecision:
     """What to do after a failed try."""
 
     pause_floor_s: float = 0.0
+    pause_cap_s: float | None = None  # shorten the backoff (waiting for a map change)
     ask: Route | None = None  # ASK: the next try goes here
     immediate: bool = False  # the map changed: retry at once (still counted)
 
@@ -68,6 +83,7 @@ class Router:
         self._table: SlotTable | None = None
         self._refresh_lock = trio.Lock()
         self._refreshes = 0
+        self._last_fetch_at = float("-inf")  # trio clock, start of the latest map fetch
 
     # ------------------------------------------------------------------ the slot map
 
@@ -86,10 +102,32 @@ class Router:
         async with self._refresh_lock:
             if self._refreshes != seen and self._table is not None:
                 return  # another task refreshed while we waited; use its map
-            reply = await self.retrying(attempts, self._fetch_map_once)
-            self._table = SlotTable.from_map(reply)
-            self._refreshes += 1
-            logger.debug("slot map version %d term %d", reply.version, reply.term)
+            self._last_fetch_at = trio.current_time()
+            reply = await self.retrying(attempts, self._fetch_map_once, reroute=False)
+            self._take_map(reply)
+
+    async def refresh_after_unreachable(self, attempts: Attempts) -> bool:
+        """One map fetch (no retries) unless one started within the last
+        UNREACHABLE_REFRESH_INTERVAL_S; True if the map changed. A failing commander is
+        only logged: the caller goes on retrying the drone."""
+        async with self._refresh_lock:
+            now = trio.current_time()
+            if now - self._last_fetch_at < UNREACHABLE_REFRESH_INTERVAL_S:
+                return False
+            self._last_fetch_at = now
+            before = self._table
+            try:
+                reply = await self._fetch_map_once(attempts)
+            except (Unavailable, Timeout) as error:
+                logger.debug("map refresh after an unreachable drone failed: %s", error)
+                return False
+            self._take_map(reply)
+            return before is None or (before.version, before.term) != (reply.version, reply.term)
+
+    def _take_map(self, reply: SlotMap) -> None:
+        self._table = SlotTable.from_map(reply)
+        self._refreshes += 1
+        logger.debug("slot map version %d term %d", reply.version, reply.term)
 
     @property
     def refreshes(self) -> int:
@@ -194,9 +232,11 @@ class Router:
         *,
         on_ask: Callable[[Route], None] | None = None,
         redirects: bool = True,
+        reroute: bool = True,
     ) -> T:
         """Run `once` until it succeeds, retrying as the module docstring says. With
-        `redirects=False`, MOVED and ASK are raised to the caller (who must re-route)."""
+        `redirects=False`, MOVED and ASK are raised to the caller (who must re-route). With
+        `reroute=False` (the map fetch itself), an unreachable peer does not refresh the map."""
         while True:
             try:
                 return await once(attempts)
@@ -210,29 +250,41 @@ class Router:
                     on_ask(decision.ask)
                 last: ServiceError = redirect
             except (Unavailable, Timeout) as error:
-                decision = await self.classify(error, attempts, allow_ask=False)
+                decision = await self.classify(error, attempts, allow_ask=False, reroute=reroute)
                 last = error
-            now = trio.current_time()
-            pause = attempts.next_pause_s(now, self._rng, floor_s=decision.pause_floor_s)
-            if pause is None:
-                raise DeadlineExceeded(
-                    f"gave up after {attempts.count} attempts: {last.message}",
-                    detail={"attempts": attempts.count, "last_code": str(last.code)},
-                ) from last
-            if not (decision.immediate or decision.ask is not None):
-                await trio.sleep(pause)
+            await self.back_off(attempts, decision, last)
 
-    async def classify(self, error: ServiceError, attempts: Attempts, *, allow_ask: bool) -> _Retry:
-        """How to retry after `error` (a MOVED/ASK/UNAVAILABLE/TIMEOUT); raise if we cannot."""
+    async def back_off(
+        self, attempts: Attempts, decision: RetryDecision, last: ServiceError
+    ) -> None:
+        """Count a failed try and pause as `decision` says; DeadlineExceeded (from `last`)
+        when the call may not try again."""
+        now = trio.current_time()
+        pause = attempts.next_pause_s(now, self._rng, floor_s=decision.pause_floor_s)
+        if pause is None:
+            raise DeadlineExceeded(
+                f"gave up after {attempts.count} attempts: {last.message}",
+                detail={"attempts": attempts.count, "last_code": str(last.code)},
+            ) from last
+        if decision.pause_cap_s is not None:
+            pause = min(pause, decision.pause_cap_s)
+        if not (decision.immediate or decision.ask is not None):
+            await trio.sleep(pause)
+
+    async def classify(
+        self, error: ServiceError, attempts: Attempts, *, allow_ask: bool, reroute: bool = True
+    ) -> RetryDecision:
+        """How to retry after `error` (a MOVED/ASK/UNAVAILABLE/TIMEOUT); raise if we cannot.
+        `reroute`: an unreachable peer re-fetches the slot map (see the module docstring)."""
         if isinstance(error, NoOwner):
             await self.refresh(attempts, seen=self._refreshes)
-            return _Retry()
+            return RetryDecision()
         if isinstance(error, Moved):
             if self._table is not None and self._table.apply_moved(error.detail):
-                return _Retry(immediate=True)
+                return RetryDecision(immediate=True)
             seen = self._refreshes
             await self.refresh(attempts, seen=seen)
-            return _Retry()
+            return RetryDecision()
         if isinstance(error, Ask):
             address = error.detail.get("address")
             if not allow_ask or not isinstance(address, str) or not address:
@@ -240,10 +292,14 @@ class Router:
             owner = error.detail.get("owner")
             if not isinstance(owner, str) or not owner:
                 owner = self._name_of(address)
-            return _Retry(ask=Route(drone=owner, address=address, epoch=0))
+            return RetryDecision(ask=Route(drone=owner, address=address, epoch=0))
+        if reroute and is_unreachable(error):
+            if await self.refresh_after_unreachable(attempts):
+                return RetryDecision(immediate=True)
+            return RetryDecision(pause_cap_s=UNREACHABLE_MAX_PAUSE_S)
         retry_after_ms = error.detail.get("retry_after_ms", 0)
         floor_s = retry_after_ms / 1000 if type(retry_after_ms) in (int, float) else 0.0
-        return _Retry(pause_floor_s=max(0.0, floor_s))
+        return RetryDecision(pause_floor_s=max(0.0, floor_s))
 
     def _name_of(self, address: str) -> str:
         if self._table is not None:
@@ -251,3 +307,27 @@ class Router:
                 if known == address:
                     return name
         return ""
+
+
+def is_unreachable(error: ServiceError) -> bool:
+    """Did `error` come from not reaching the peer (rather than from the peer answering)?
+
+    A server that is up but cannot serve yet (loading, frozen, db down) answers UNAVAILABLE
+    with a retry_after_ms hint; without one, the connection failed or was lost."""
+    if isinstance(error, DeadlineExceeded):
+        return False  # our own deadline, not the peer's
+    if isinstance(error, Timeout):
+        return True
+    return isinstance(error, Unavailable) and "retry_after_ms" not in error.detail
+
+
+def merge_decisions(decisions: list[RetryDecision]) -> RetryDecision:
+    """One decision for several failed requests retried together (get_many): at once if any
+    saw the map change, else the longest floor and the shortest cap any asked for."""
+    if any(decision.immediate for decision in decisions):
+        return RetryDecision(immediate=True)
+    caps = [d.pause_cap_s for d in decisions if d.pause_cap_s is not None]
+    return RetryDecision(
+        pause_floor_s=max((d.pause_floor_s for d in decisions), default=0.0),
+        pause_cap_s=min(caps) if caps else None,
+    )
