@@ -22,6 +22,8 @@ from auth.datadir import AuthorityKeys
 from auth.keys import public_key_from_bytes
 from auth.login import NONCE_BYTES, X25519_PUBLIC_BYTES, seal_login_reply, verify_login_signature
 from auth.messages import (
+    ElectorateReply,
+    ElectorateRequest,
     LoginRequest,
     PrincipalAdd,
     PrincipalEntry,
@@ -306,6 +308,10 @@ class Authority:
     def _principal_list(self, peer: PeerInfo, request: PrincipalList, now: float) -> Message:
         return PrincipalListReply(principals=[_entry(p) for p in self.registry.all()])
 
+    def _electorate(self, peer: PeerInfo, request: ElectorateRequest, now: float) -> Message:
+        drones = [p.name for p in self.registry.all() if p.enabled and p.role is Role.DRONE]
+        return ElectorateReply(drones=drones)
+
     def _principal_set_enabled(
         self, peer: PeerInfo, request: PrincipalSetEnabled, now: float
     ) -> Message:
@@ -341,6 +347,7 @@ _ANYONE = frozenset({ANONYMOUS_ROLE, *(r.value for r in Role)})
 _PRINCIPALS = frozenset(r.value for r in Role)
 _SERVICES = frozenset(r.value for r in SERVICE_ROLES)
 _ADMINS = frozenset({Role.ADMIN.value})
+_COMMANDERS = frozenset({Role.COMMANDER.value})
 
 # request type -> (roles allowed to send it, handler). Anything not named is refused.
 _DISPATCH: dict[type[Message], tuple[frozenset[str], _Handler]] = {
@@ -349,6 +356,7 @@ _DISPATCH: dict[type[Message], tuple[frozenset[str], _Handler]] = {
     ServiceStateRequest: (_SERVICES, Authority._service_state),
     PrincipalAdd: (_ADMINS, Authority._principal_add),
     PrincipalList: (_ADMINS, Authority._principal_list),
+    ElectorateRequest: (_COMMANDERS, Authority._electorate),
     PrincipalSetEnabled: (_ADMINS, Authority._principal_set_enabled),
     PrincipalRotate: (_ADMINS, Authority._principal_rotate),
 }

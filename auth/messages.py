@@ -86,6 +86,16 @@ class PrincipalListReply(Message):
     principals: list[PrincipalEntry]
 
 
+@message("auth.electorate")
+class ElectorateRequest(Message):
+    """Commander: the enabled drone principals, the electorate of commander elections."""
+
+
+@message("auth.electorate_reply")
+class ElectorateReply(Message):
+    drones: list[str]
+
+
 @message("auth.principal_enable")
 class PrincipalSetEnabled(Message):
     """Admin: disable (revoke) or re-enable a principal."""

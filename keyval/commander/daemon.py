@@ -1,10 +1,11 @@
 """The commander daemon: a thin trio shell around `CommanderState`.
 
-Start-up: log in, register a term with the db, load the persisted map and the grant key, then
-serve drones (register, heartbeat), clients (slot map) and admins (drain, move). A ticker task
-feeds the state machine the time, runs the saves it asks for and reports them back; grants
-come only from maps the db has confirmed. If the db refuses a save as Fenced, a newer
-commander has registered: this one stops (exit) rather than act on a stale term.
+Start-up: log in, learn the electorate (the authority's enabled drones) and the newest term
+(the db), then serve. `node.CommanderNode` runs the election and, for each term this commander
+wins and registers with the db, a `Commander`: it serves drones (register, heartbeat), clients
+(slot map) and admins (drain, move). A ticker task feeds the state machine the time, runs the
+saves it asks for and reports them back; grants come only from maps the db has confirmed. If
+the db refuses a save as Fenced, a newer commander has registered: this term ends.
 """
 
 from __future__ import annotations
@@ -12,20 +13,27 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
 from dataclasses import dataclass
 
 import trio
 
 from auth.client import Credentials
+from auth.messages import ElectorateReply, ElectorateRequest
 from auth.roles import require_role
 from auth.service import ServiceIdentity
 from keyval import net, observe
-from keyval.commander.dblink import DbLink, Resumed
+from keyval.commander.dblink import DbLink
+from keyval.commander.election import Election
 from keyval.commander.state import CommanderState, DroneFailed, SaveMap
 from keyval.grants import Grant, sign_grant
 from keyval.messages import (
     AwaitGrant,
+    ClusterStatus,
+    DbLoadMap,
+    DbMap,
     Drain,
+    DroneStatus,
     GetMap,
     Heartbeat,
     HeartbeatReply,
@@ -41,7 +49,7 @@ from keyval.messages import (
 from keyval.nodeconfig import NodeOptions, write_ready_file
 from keyval.timing import FAILURE_CHECK_MS, HEARTBEAT_MS, LEASE_MS, check_timing
 from wire.channel import PeerInfo
-from wire.errors import BadRequest, Fenced, Unauthorized, WireError
+from wire.errors import BadRequest, Fenced, Internal, Unauthorized, WireError
 from wire.messages import Message
 
 logger = logging.getLogger("keyval.commander")
@@ -148,6 +156,7 @@ class Commander:
             self.state.saved_version,
             release=release,
             importing=importing,
+            sent_ms=math.floor(self.now() * 1000),  # echoed back: our lease on the drones
         )
 
     async def _wait_map_change(self, deadline: float) -> bool:
@@ -215,6 +224,31 @@ class Commander:
         self._wake.set()
         return MapChange(version)
 
+    def status(self) -> ClusterStatus:
+        now = self.now()
+        counts: dict[str, int] = {}
+        for first, last, owner, _epoch in self.state.map_ranges():
+            counts[owner] = counts.get(owner, 0) + last - first + 1
+        drones = [
+            DroneStatus(
+                name=record.name,
+                address=record.address,
+                incarnation=record.incarnation,
+                last_heartbeat_ms_ago=max(0, round((now - record.last_heartbeat_at) * 1000)),
+                draining=record.draining,
+                slots=counts.get(record.name, 0),
+                load=dict(record.load),
+            )
+            for record in sorted(self.state.drones.values(), key=lambda r: r.name)
+        ]
+        return ClusterStatus(
+            term=self.state.term,
+            leader=self.state.name,
+            phase=self.state.phase.value,
+            map_version=self.state.saved_version,
+            drones=drones,
+        )
+
     def slot_map(self) -> SlotMap:
         return SlotMap(
             term=self.state.term,
@@ -263,23 +297,41 @@ def _require_drone(peer: PeerInfo, drone: str) -> None:
         )
 
 
-async def _start_db(db: DbLink, name: str) -> Resumed:
-    """Register a term and resume the map, retrying while the db is not reachable yet."""
+async def _start_election(credentials: Credentials, db: DbLink, name: str) -> Election:
+    """Ask the authority for the electorate and the db for the newest term, retrying while
+    either is not reachable yet."""
     with trio.fail_after(START_TIMEOUT_S):
         while True:
             try:
-                return await db.start(name)
-            except Fenced:
-                raise
-            except WireError as error:
-                logger.warning("db at %s not ready: %s; retrying", db.address, error)
+                connection = await credentials.authority_connection()
+                try:
+                    reply = await connection.request(ElectorateRequest(), timeout=START_RETRY_S * 5)
+                finally:
+                    await connection.aclose()
+                if not isinstance(reply, ElectorateReply):
+                    raise Internal(f"the authority answered with {reply.TYPE}")
+                loaded = await db.request(DbLoadMap())
+                if not isinstance(loaded, DbMap):
+                    raise Internal(f"the db answered load_map with {loaded.TYPE}")
+            except (WireError, OSError) as error:
+                logger.warning("authority or db not ready: %s; retrying", error)
                 await trio.sleep(START_RETRY_S)
+                continue
+            if not reply.drones:
+                logger.warning("the authority knows no enabled drone yet; retrying")
+                await trio.sleep(START_RETRY_S)
+                continue
+            election = Election(name, frozenset(reply.drones), random.Random())
+            election.observe_term(loaded.term, "")
+            return election
 
 
 async def run_commander(
     options: NodeOptions, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve as commander until cancelled (or fenced by a newer one)."""
+    """Serve as commander until cancelled: stand in elections, lead the terms won."""
+    from keyval.commander.node import CommanderNode  # node builds on this module
+
     settings = CommanderSettings.from_options(options)
     if options.data is not None:
         options.data.mkdir(parents=True, exist_ok=True)
@@ -290,29 +342,31 @@ async def run_commander(
             metrics = await observe.start_node(nursery, options.name, "commander", options.metrics)
             identity = ServiceIdentity(credentials)
             await identity.start(nursery)
-            resumed = await _start_db(db, options.name)
-            state = CommanderState(
-                name=options.name,
-                term=resumed.term,
-                now=trio.current_time(),
-                persisted_version=resumed.map_version,
-                persisted_ranges=resumed.ranges,
-                expect_drones=settings.expect_drones,
-                heartbeat_ms=settings.heartbeat_ms,
-                lease_ms=settings.lease_ms,
-            )
-            commander = Commander(state, resumed.grant_key, db)
-            metrics.drones_live.set_function(lambda: len(state.drones))
-            metrics.map_version.set_function(lambda: state.saved_version)
-            metrics.commander_term.set_function(lambda: state.term)
+            election = await _start_election(credentials, db, options.name)
+            node = CommanderNode(election, db, settings)
+
+            def live_drones() -> int:
+                return len(node.commander.state.drones) if node.commander else 0
+
+            def map_version() -> int:
+                return node.commander.state.saved_version if node.commander else 0
+
+            metrics.drones_live.set_function(live_drones)
+            metrics.map_version.set_function(map_version)
+            metrics.commander_term.set_function(lambda: election.term)
             bound = await nursery.start(
                 functools.partial(net.serve, revoked=identity.revoked),
                 options.listen,
                 identity.server_auth,
-                commander.handle,
+                node.handle,
             )
-            nursery.start_soon(commander.run_ticker)
-            logger.info("commander %s term %d serving on %s", options.name, state.term, bound)
+            nursery.start_soon(node.run)
+            logger.info(
+                "commander %s serving on %s; %d drones vote",
+                options.name,
+                bound,
+                len(election.electorate),
+            )
             write_ready_file(options.ready_file, bound)
             task_status.started(bound)
     finally:

@@ -139,7 +139,9 @@ class Election:
         self.leaderless_at[drone] = now
         if term > self.term:
             instructions += self._newer_term(term, f"drone {drone} is in term {term}", now)
-        if self.role is Role.CANDIDATE and term == self.term and voted_for == self.name:
+        if self.role is Role.LEADER and term <= self.term:
+            self._echo(drone, ack_ms, now)  # the drone echoes only to the one it supports
+        elif self.role is Role.CANDIDATE and term == self.term and voted_for == self.name:
             self.votes.add(drone)
             self._echo(drone, ack_ms, now)
             if len(self.votes) >= majority(len(self.electorate)):

@@ -148,6 +148,7 @@ class CommanderState:
         heartbeat_ms: int = HEARTBEAT_MS,
         lease_ms: int = LEASE_MS,
         resume_grace_ms: int = RESUME_GRACE_MS,
+        inherited_lease_s: float | None = None,
     ) -> None:
         if term <= 0 or expect_drones <= 0:
             raise ValueError("term and expect_drones must be positive")
@@ -176,8 +177,12 @@ class CommanderState:
         if self._persisted_owners:
             self.phase = Phase.RESUMING
             self._resume_deadline = now + resume_grace_ms / 1000
-            for owner in self._persisted_owners:  # the previous commander's grants
-                self._lease_end[owner] = now + self.expiry_s
+            # The previous commander's grants: at most one expiry old when it stopped (a
+            # restart), or, after an election, until its own lease on a majority lapsed
+            # (election.inherited_lease_s).
+            inherited_s = self.expiry_s if inherited_lease_s is None else inherited_lease_s
+            for owner in self._persisted_owners:
+                self._lease_end[owner] = now + inherited_s
         else:
             self.phase = Phase.WAITING
             self._resume_deadline = now

@@ -1,11 +1,13 @@
-"""Registration and heartbeats: how the drone gets and keeps its grant.
+"""Leader, registration and heartbeats: how the drone gets and keeps its grant.
 
-The drone registers with a commander (trying each address in turn), then heartbeats every
-`heartbeat_ms` with its load and the ranges it has loaded. Each HeartbeatReply's grant
-replaces the held grant and renews the lease from the heartbeat's SEND time (slots.SlotTable).
-A commander that does not know the incarnation (NOT_FOUND: it restarted or a new one leads)
-makes the drone register again as new. Any other failure moves on to the next commander
-address with the same incarnation.
+The drone first finds its leader: while it has none it ballots every commander
+(keyval.drone.vote: it votes for candidates and follows the commander that says it leads).
+It registers with the leader, then heartbeats every `heartbeat_ms` with its load, the ranges it
+has loaded and the echo of the leader's last reply time (`ack_ms`, the leader's lease). Each
+HeartbeatReply's grant replaces the held grant and renews the lease from the heartbeat's SEND
+time (slots.SlotTable). A leader that does not know the incarnation (NOT_FOUND) makes the drone
+register again as new. A leader that says it no longer leads (NOT_LEADER), or that has not
+answered for `vote.LEADER_TIMEOUT_MS`, is dropped for good and the drone ballots again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from keyval.drone.links import Dialer, ServiceLink
 from keyval.drone.migrate import Migrator
 from keyval.drone.reseed import Reseeder
 from keyval.drone.state import DroneState
+from keyval.drone.vote import BALLOT_PERIOD_MS, LEADER_TIMEOUT_MS, Reply, Vote, VoteFile, Voter
 from keyval.messages import (
+    Ballot,
+    BallotReply,
     GetMap,
     Heartbeat,
     HeartbeatReply,
@@ -40,6 +45,10 @@ REGISTER_RETRY_MS = 100
 # A register or get_map request: the commander answers from memory.
 COMMANDER_TIMEOUT_MS = 2000
 
+# A ballot is answered from memory; a commander slower than this (paused, partitioned) is
+# asked again next period. Several ballot periods, well under the leader timeout.
+BALLOT_TIMEOUT_MS = 150
+
 
 class Heartbeater:
     """Keeps this drone registered and its grant fresh."""
@@ -51,6 +60,7 @@ class Heartbeater:
         commanders: Sequence[Endpoint],
         dial: Dialer,
         address: str,
+        vote_file: VoteFile | None = None,
     ) -> None:
         if not commanders:
             raise ValueError("a drone needs at least one commander address")
@@ -58,6 +68,8 @@ class Heartbeater:
         self.reseeder = reseeder
         self.links = [ServiceLink(dial, c.address, c.name) for c in commanders]
         self.address = address
+        self.voter = Voter(state.name, vote_file)
+        self._link_of: dict[str, int] = {}  # commander name -> index in links
         self._current = 0
         self.incarnation: int | None = None
         self.heartbeat_ms = 0
@@ -71,54 +83,110 @@ class Heartbeater:
     def link(self) -> ServiceLink:
         return self.links[self._current]
 
-    def _next_commander(self) -> None:
-        self._current = (self._current + 1) % len(self.links)
-
     async def run(self, nursery: trio.Nursery) -> None:
         """Register and heartbeat until cancelled. Reseeds run in `nursery`."""
         try:
             while True:
-                await self._register()
-                await self._heartbeat_until_unknown(nursery)
+                if not self.voter.leader:
+                    await self._find_leader()
+                if await self._register():
+                    await self._heartbeat_until_unknown(nursery)
         finally:
             with trio.CancelScope(shield=True):
                 for link in self.links:
                     await link.aclose()
 
-    async def _register(self) -> None:
-        request = Register(drone=self.state.name, address=self.address)
-        while True:
-            for _ in self.links:
-                try:
-                    reply = await self.link.request(request, timeout=COMMANDER_TIMEOUT_MS / 1000)
-                    if not isinstance(reply, Registered):
-                        raise Internal(f"commander answered register with {reply.TYPE}")
-                    check_timing(reply.heartbeat_ms, reply.lease_ms)
-                except (WireError, ValueError) as error:
-                    log.info("register with %s failed: %s", self.link.address, error)
-                    self._next_commander()
-                    continue
-                self.incarnation = reply.incarnation
-                self.heartbeat_ms, self.lease_ms = reply.heartbeat_ms, reply.lease_ms
-                log.info(
-                    "registered with %s as incarnation %d", self.link.address, self.incarnation
+    async def _find_leader(self) -> None:
+        """Ballot every commander each period until one that leads becomes our leader."""
+        while not self.voter.leader:
+            period_end = trio.current_time() + BALLOT_PERIOD_MS / 1000
+            async with trio.open_nursery() as nursery:
+                for index in range(len(self.links)):
+                    nursery.start_soon(self._ballot, index)
+            if not self.voter.leader:
+                await trio.sleep_until(period_end)
+        self._current = self._link_of[self.voter.leader]
+        log.info("following commander %s (term %d)", self.voter.leader, self.voter.term)
+
+    async def _ballot(self, index: int) -> None:
+        link = self.links[index]
+        with trio.move_on_after(BALLOT_TIMEOUT_MS / 1000):
+            for _ in range(2):  # a vote is carried by a second ballot at once
+                voter = self.voter
+                request = Ballot(
+                    drone=self.state.name,
+                    term=voter.term,
+                    voted_for=voter.voted_for,
+                    ack_ms=voter.ack_for(link.service),
                 )
-                return
-            await trio.sleep(REGISTER_RETRY_MS / 1000)
+                try:
+                    reply = await link.request(request, timeout=BALLOT_TIMEOUT_MS / 1000)
+                except ServiceError as error:
+                    if error.code is ErrorCode.BAD_REQUEST and not self.voter.leader:
+                        self._link_of[link.service] = index
+                        self.voter.follow_without_election(link.service)
+                    log.debug("ballot to %s failed: %s", link.address, error)
+                    return
+                except WireError as error:
+                    log.debug("ballot to %s failed: %s", link.address, error)
+                    return
+                if not isinstance(reply, BallotReply) or self.voter.leader:
+                    return
+                self._link_of[reply.commander] = index
+                decision = self.voter.on_reply(
+                    Reply(reply.commander, reply.role, reply.term, reply.sent_ms)
+                )
+                if not isinstance(decision, Vote):
+                    return
+                log.info("voted for %s in term %d", decision.commander, decision.term)
+
+    async def _register(self) -> bool:
+        """Register with the leader; False (leader dropped) if it cannot take us."""
+        request = Register(drone=self.state.name, address=self.address)
+        deadline = trio.current_time() + LEADER_TIMEOUT_MS / 1000
+        while trio.current_time() < deadline:
+            try:
+                reply = await self.link.request(request, timeout=COMMANDER_TIMEOUT_MS / 1000)
+                if not isinstance(reply, Registered):
+                    raise Internal(f"commander answered register with {reply.TYPE}")
+                check_timing(reply.heartbeat_ms, reply.lease_ms)
+            except (WireError, ValueError) as error:
+                log.info("register with %s failed: %s", self.link.address, error)
+                if isinstance(error, ServiceError) and error.code is ErrorCode.NOT_LEADER:
+                    break
+                await trio.sleep(REGISTER_RETRY_MS / 1000)
+                continue
+            self.incarnation = reply.incarnation
+            self.heartbeat_ms, self.lease_ms = reply.heartbeat_ms, reply.lease_ms
+            log.info("registered with %s as incarnation %d", self.link.address, self.incarnation)
+            return True
+        self.voter.leader_lost()
+        return False
 
     async def _heartbeat_until_unknown(self, nursery: trio.Nursery) -> None:
-        """Heartbeat every heartbeat_ms; return when the commander does not know us."""
+        """Heartbeat every heartbeat_ms; return when the leader does not know us (register
+        again) or is lost (the voter drops it: find a leader again)."""
+        last_ok = self.state.now()
         while True:
             sent_at = self.state.now()
             try:
                 await self.heartbeat_once(sent_at, nursery)
+                last_ok = sent_at
             except ServiceError as error:
                 if error.code is ErrorCode.NOT_FOUND:
                     log.info("commander does not know incarnation %s", self.incarnation)
                     return
                 log.info("heartbeat to %s failed: %s", self.link.address, error.message)
                 observe.current_metrics().lease_renewal_failures.inc()
-                self._next_commander()
+                if error.code is ErrorCode.NOT_LEADER:
+                    self.voter.leader_lost()
+                    return
+            if self.state.now() - last_ok > LEADER_TIMEOUT_MS / 1000:
+                log.warning(
+                    "leader %s silent for %d ms: dropping it", self.voter.leader, LEADER_TIMEOUT_MS
+                )
+                self.voter.leader_lost()
+                return
             await trio.sleep_until(sent_at + self.heartbeat_ms / 1000)
 
     async def heartbeat_once(self, sent_at: float, nursery: trio.Nursery) -> None:
@@ -129,11 +197,14 @@ class Heartbeater:
             incarnation=self.incarnation,
             load=self.state.load(),
             ready=self.state.table.ready_ranges(),
+            ack_ms=self.voter.ack_for(self.voter.leader),
         )
         self.heartbeats_sent += 1
-        reply = await self.link.request(request, timeout=self.lease_ms / 1000)
+        timeout_ms = min(self.lease_ms, LEADER_TIMEOUT_MS)
+        reply = await self.link.request(request, timeout=timeout_ms / 1000)
         if not isinstance(reply, HeartbeatReply):
             raise Internal(f"commander answered a heartbeat with {reply.TYPE}")
+        self.voter.on_heartbeat_reply(self.voter.leader, reply.sent_ms)
         self.take_reply(reply, sent_at, nursery)
         observe.current_metrics().lease_renewals.inc()
 

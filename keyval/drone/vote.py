@@ -135,6 +135,12 @@ class Voter:
             return Vote(reply.commander, reply.term) if fresh else None
         return None
 
+    def follow_without_election(self, commander: str) -> Follow:
+        """The commander does not know ballots (BAD_REQUEST: it predates elections, a lone
+        commander): follow it in our current term. Votes and terms stay as they are."""
+        self.leader = commander
+        return Follow(commander, self.term)
+
     def on_heartbeat_reply(self, commander: str, sent_ms: int) -> None:
         if commander == self.leader:
             self._acks[commander] = max(sent_ms, self._acks.get(commander, 0))

@@ -18,9 +18,12 @@ from auth.client import Credentials
 from auth.daemon import run_authority
 from keyval import net
 from keyval.commander import run_commander
+from keyval.drone.vote import Reply, Voter
 from keyval.grants import NUM_SLOTS, Grant
 from keyval.messages import (
     AwaitGrant,
+    Ballot,
+    BallotReply,
     Drain,
     GetMap,
     Heartbeat,
@@ -36,7 +39,7 @@ from keyval.messages import (
 )
 from keyval.nodeconfig import NodeOptions
 from keyval.timing import drone_lease_ms
-from wire.errors import BadRequest, NotFound, Unauthorized
+from wire.errors import BadRequest, NotFound, NotLeader, Unauthorized
 
 dbserver = pytest.importorskip("keyval.dbserver", reason="keyval.dbserver (run_db) not built yet")
 
@@ -95,10 +98,33 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         partial.commander = await nursery.start(
             run_commander, partial.options("commander-1", db=partial.db)
         )
+        for name in ("drone-1", "drone-2"):  # the electorate: they elect commander-1
+            nursery.start_soon(keep_voting, await partial.connect(name), name)
+        with trio.fail_after(WAIT_S):
+            while True:
+                try:
+                    await (await partial.connect("client")).request(GetMap())
+                    break
+                except NotLeader:
+                    await trio.sleep(0.02)
         yield partial
         for connection in partial.opened:
             await connection.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def keep_voting(connection: net.Connection, name: str) -> None:
+    """A drone's election side (the real Voter): vote, then echo the leader's replies, so the
+    leader keeps its lease on the majority however long a test pauses between heartbeats."""
+    voter = Voter(name)
+    while True:
+        ballot = Ballot(name, voter.term, voter.voted_for, voter.ack_for("commander-1"))
+        reply = await connection.request(ballot)
+        assert isinstance(reply, BallotReply)
+        decision = voter.on_reply(Reply(reply.commander, reply.role, reply.term, reply.sent_ms))
+        voter.on_heartbeat_reply(reply.commander, reply.sent_ms)
+        if decision is None:
+            await trio.sleep(0.05)
 
 
 class DroneClient:
