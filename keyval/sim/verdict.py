@@ -24,7 +24,7 @@ from keyval.sim.checks import (
     check_no_aborted_reads,
     check_no_lost_writes,
 )
-from keyval.sim.history import EventType, History, HistoryError, Key
+from keyval.sim.history import EventType, History, HistoryError, Key, OpKind
 from keyval.sim.linearizability import MAX_SEARCH_STEPS, Verdict, check_linearizable
 
 # Detail kept per failed check in the report: enough to start debugging, not a whole history.
@@ -139,9 +139,15 @@ def _linearizable(history: History, max_steps: int) -> CheckOutcome:
 
 
 def _lost_writes(history: History, final: Mapping[Key, object]) -> tuple[CheckOutcome, int, int]:
-    """The check, the acknowledged writes verified and the writes found lost."""
+    """The check, the acknowledged writes verified and the writes found lost.
+
+    Single-key writes only: a transfer whose outcome is unknown was recorded with its reads
+    alone (what it writes depends on what it read), so its possible writes are not in the
+    history and the check would call the value it left "lost". The bank check covers the
+    transactions: the final snapshot, after recovery, must still hold the total."""
+    single_key = History.from_events(e for e in history.events if e.kind is not OpKind.TXN)
     try:
-        result = check_no_lost_writes(history, final)
+        result = check_no_lost_writes(single_key, final)
     except ValueError as error:  # the final read lacks a key with acknowledged writes
         return CheckOutcome("no lost writes", False, 0, str(error)), 0, 0
     lost = len(result.anomalies)

@@ -71,12 +71,12 @@ def test_a_consistent_history_passes_with_its_counts() -> None:
     assert report.passed, report.describe()
     assert report.operations == {"ok": 5, "fail": 1, "unknown": 1}
     assert report.faults == {"kill-drone": 2, "pause-db": 1}
-    assert report.acknowledged_writes_verified == 3  # x=1, and the transfer's two writes
+    assert report.acknowledged_writes_verified == 1  # x=1; the bank check covers transfers
     assert report.lost_writes == 0
     line = report.verdict_line()
     assert line.startswith("PASS; operations ok=5 fail=1 unknown=1; ")
     assert "kill-drone=2 pause-db=1 (total 3)" in line
-    assert "acknowledged writes verified=3 lost=0" in line
+    assert "acknowledged writes verified=1 lost=0" in line
 
 
 def test_a_stale_read_fails_linearizability() -> None:
@@ -105,7 +105,23 @@ def test_a_lost_acknowledged_write_fails_and_is_counted() -> None:
     report = _judge(_clean_history(), {**CLEAN_FINAL, "x": ABSENT})
     assert _failed(report) == ["no lost writes"]
     assert report.lost_writes == 1
-    assert report.acknowledged_writes_verified == 2
+    assert report.acknowledged_writes_verified == 0
+
+
+def test_a_transfer_of_unknown_outcome_is_not_a_lost_write() -> None:
+    """Seen in a real run: a transfer timed out (recorded with its reads only, its writes
+    unknown) but committed; the final value is its write, not the last acknowledged one."""
+    history = _clean_history()
+    script = Script()
+    for event in history.events:
+        script.recorder.append(event)
+    script.now_s = history.events[-1].time_s
+    script.txn(3, Step(OpKind.READ, "{a}"), Step(OpKind.READ, "{b}")).info(3)
+    script.txn(3, Step(OpKind.READ, "{a}"), Step(OpKind.READ, "{b}"))
+    script.ok(3, steps=(Step(OpKind.READ, "{a}", 1), Step(OpKind.READ, "{b}", 9)))
+    report = _judge(script.history(), {**CLEAN_FINAL, "{a}": 1, "{b}": 9})
+    assert report.passed, report.describe()
+    assert report.acknowledged_writes_verified == 1  # x=1; the bank check covers transfers
 
 
 def test_a_final_read_missing_an_acknowledged_key_fails() -> None:
@@ -162,7 +178,7 @@ def test_the_json_report_has_the_counts() -> None:
     assert data["verdict"] == "FAIL"
     assert data["operations"] == {"ok": 5, "fail": 1, "unknown": 1}
     assert data["faults"] == {"kill-drone": 2, "pause-db": 1}
-    assert data["acknowledged_writes_verified"] == 3
+    assert data["acknowledged_writes_verified"] == 1
     assert [c["name"] for c in data["checks"] if not c["ok"]] == ["bank"]
 
 
