@@ -102,6 +102,7 @@ class Reseeder:
         """Load `run`'s slots, retrying those still granted under the same epoch until each
         is installed. A slot the db fences is set aside so the rest of the run goes on."""
         metrics = observe.current_metrics()
+        started_at = trio.current_time()
         todo = list(run)
         loaded: set[int] = set()
         set_aside: set[int] = set()  # fenced: retried after a pause (a new grant may drop it)
@@ -113,6 +114,13 @@ class Reseeder:
             ]
             ready = [entry for entry in todo if entry[0] not in set_aside]
             if not todo:
+                log.info(
+                    "reseeded %d of slots %d..%d in %.0f ms",
+                    len(loaded),
+                    run[0][0],
+                    run[-1][0],
+                    (trio.current_time() - started_at) * 1000,
+                )
                 return
             if not ready:
                 await trio.sleep(RESEED_RETRY_MS / 1000)
