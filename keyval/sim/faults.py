@@ -163,7 +163,8 @@ async def _client_loop(
     while True:
         with trio.move_on_after(STEP_DEADLINE_S):
             try:
-                tally.ok += await workload.step(client, process, rng)
+                ok = await workload.step(client, process, rng)
+                tally.ok += ok  # not `tally.ok += await ...`: that reads before the await
             except Exception as error:  # reported in the verdict: see the docstring
                 tally.unexpected.append(f"p{process}: {type(error).__name__}: {error}")
         await trio.sleep(rng.uniform(0, THINK_MAX_S))

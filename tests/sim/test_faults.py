@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import signal
 from pathlib import Path
 
@@ -330,3 +331,28 @@ def test_errors_inside_nested_exception_groups_are_found() -> None:
     kinds = [type(leaf) for leaf in faults._leaves(outer)]
     assert kinds == [KeyboardInterrupt, ValueError, ProcessClusterError]
     assert faults._leaves(ValueError("z"))[0].args == ("z",)
+
+
+class _CountingWorkload:
+    """Steps that yield to other tasks mid-operation, as real ones do."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    async def step(self, client: object, process: int, rng: random.Random) -> bool:
+        await trio.sleep(0.001)
+        self.steps += 1
+        return True
+
+
+async def test_concurrent_client_loops_count_every_ok_step(autojump_clock: object) -> None:
+    workload = _CountingWorkload()
+    tally = faults._Tally()
+    with trio.move_on_after(1.0):
+        async with trio.open_nursery() as nursery:
+            for process in range(4):
+                rng = random.Random(process)
+                loop = faults._client_loop  # the counting workload never uses the client
+                nursery.start_soon(loop, workload, None, process, rng, tally)  # type: ignore[arg-type]
+    assert workload.steps > 100
+    assert tally.ok == workload.steps
