@@ -180,10 +180,11 @@ class DbReadSlots(Message):
 
 @message("db.slots_page")
 class DbSlotsPage(Message):
-    """`items` as (slot, canonical key, value, version) in (slot, key) order; `next` is the
-    (slot, key) to resume after, None when the range is exhausted."""
+    """`items` as (slot, canonical key, CBOR value, version) in (slot, key) order; `next` is
+    the (slot, key) to resume after, None when the range is exhausted. Values stay encoded as
+    stored: the db neither decodes nor re-encodes them (the drone decodes each one)."""
 
-    items: list[tuple[int, bytes, Any, int]]
+    items: list[tuple[int, bytes, bytes, int]]
     next: tuple[int, bytes] | None
 
 
@@ -356,6 +357,10 @@ class MapChange(Message):
 @message("cmd.status")
 class StatusRequest(Message):
     """What the commander knows of the cluster's health (keyval admin status). Read-only."""
+
+    # False: only the acting leader answers (others: NOT_LEADER). True: any commander answers
+    # with its own election view (role, term, leader it knows): "each commander's view".
+    local: bool = False
 
 
 @message("cmd.drone_status")

@@ -136,13 +136,15 @@ async def _keyslot(invocation: Invocation, remote: AdminRemote, progress: Progre
 async def _cluster(invocation: Invocation, remote: AdminRemote, progress: Progress) -> Result:
     slot_map = await remote.get_map()
     status = await remote.status()
+    views = await remote.views()
     reachable = remote.reachable
     commanders = tuple(
         CommanderRow(
             endpoint.name,
             endpoint.address,
-            reachable.get(endpoint.name, False),
+            reachable.get(endpoint.name, False) or endpoint.name in views,
             endpoint.name == slot_map.leader,
+            views.get(endpoint.name, ""),
         )
         for endpoint in remote.settings.commanders
     )

@@ -20,7 +20,7 @@ from keyval.client.links import Dialer, LinkPool
 from keyval.client.policy import RetryPolicy
 from keyval.messages import ClusterStatus, SlotMap, StatusRequest
 from keyval.messages import GetMap as GetMapRequest
-from wire.errors import BadRequest, Internal, NotLeader, Unavailable
+from wire.errors import BadRequest, Internal, NotLeader, ServiceError, Unavailable
 from wire.messages import Message
 
 T = TypeVar("T")
@@ -105,6 +105,21 @@ class AdminRemote:
                 return None
             raise
         return _expect(reply, ClusterStatus)
+
+    async def views(self) -> dict[str, str]:
+        """Each reachable commander's own election view, asked directly (cmd.status local)."""
+        views: dict[str, str] = {}
+        for endpoint in self.settings.commanders:
+            try:
+                reply = await self._request_at(endpoint, StatusRequest(local=True))
+            except (ServiceError, trio.TooSlowError):
+                continue
+            if isinstance(reply, ClusterStatus) and reply.commander:
+                views[endpoint.name] = (
+                    f"{reply.role} term {reply.term}, leader {reply.leader or '?'}, "
+                    f"{reply.votes}/{reply.electorate} votes"
+                )
+        return views
 
     # ------------------------------------------------------------ the authority
 

@@ -115,6 +115,8 @@ def _cluster(result: ClusterResult, console: Console) -> None:
         health = "unreachable"
         if commander.reachable:
             health = "leader" if commander.leader else "follower"
+            if commander.view:
+                health += f" ({commander.view})"
         cells = ["commander", commander.name, commander.address, health, ""]
         _add_row(table, *cells, *([""] * (len(table.columns) - len(cells))))
     for drone in result.drones:

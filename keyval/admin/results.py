@@ -112,6 +112,7 @@ class CommanderRow:
     address: str
     reachable: bool
     leader: bool
+    view: str = ""  # its own election view: "follower term 7, leader commander-2"
 
     def to_json(self) -> dict[str, Any]:
         return {

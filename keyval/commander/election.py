@@ -32,8 +32,10 @@ from wire.errors import BadRequest, Forbidden
 
 # A leader keeps acting only while a majority of drones echoed one of its replies this recently.
 # Drones heartbeat every 100 ms and echo the previous reply, so a healthy echo is at most
-# ~200 ms old; 500 ms tolerates two or three lost heartbeats before a leader gives up.
-LEADER_LEASE_MS = 500
+# ~200 ms old; 1 s tolerates a loaded machine (500 ms made a lone commander on a busy 2-core
+# box step down and re-elect itself every few seconds). The cost: a new leader waits this
+# (plus one grant expiry) before it moves a slot off a drone that did not come back.
+LEADER_LEASE_MS = 1000
 
 # A follower counts a drone as leaderless while its last ballot is this recent. Leaderless
 # drones ballot every 50 ms (keyval.drone.vote.BALLOT_PERIOD_MS): four periods.

@@ -66,18 +66,21 @@ class CommanderNode:
     def now(self) -> float:
         return trio.current_time()
 
+    def acting(self, now: float) -> bool:
+        return self.commander is not None and self.election.has_lease(now)
+
     # ------------------------------------------------------------ requests
 
     async def handle(self, peer: PeerInfo, msg: Message) -> Message:
         if isinstance(msg, Ballot):
             return self._ballot(peer, msg)
-        if isinstance(msg, StatusRequest):
+        if isinstance(msg, StatusRequest) and (msg.local or self.acting(self.now())):
             return self.status()
         commander = self.commander
         now = self.now()
         if isinstance(msg, Heartbeat) and peer.name == msg.drone:
             self.election.follower_ack(msg.drone, msg.ack_ms, now)
-        if commander is None or not self.election.has_lease(now):
+        if commander is None or not self.acting(now):
             raise NotLeader(
                 f"{self.name} does not lead (term {self.election.term})",
                 detail={"leader": self.election.leader, "term": self.election.term},

@@ -70,6 +70,7 @@ class Heartbeater:
         self.address = address
         self.voter = Voter(state.name, vote_file)
         self._link_of: dict[str, int] = {}  # commander name -> index in links
+        self._registered_with: tuple[str, int] | None = None  # (leader, term) we registered
         self._current = 0
         self.incarnation: int | None = None
         self.heartbeat_ms = 0
@@ -89,8 +90,14 @@ class Heartbeater:
             while True:
                 if not self.voter.leader:
                     await self._find_leader()
-                if await self._register():
+                leading = (self.voter.leader, self.voter.term)
+                if leading == self._registered_with or await self._register():
+                    # Same leader, same term (we only lost it for a while): keep our
+                    # incarnation; a NOT_FOUND answer sends us back to register.
+                    self._registered_with = leading
                     await self._heartbeat_until_unknown(nursery)
+                    if self.voter.leader:
+                        self._registered_with = None
         finally:
             with trio.CancelScope(shield=True):
                 for link in self.links:
