@@ -369,9 +369,8 @@ class Database:
             except StorageError as error:
                 self._fences.return_pending(fences)
                 raise storage_unavailable(error) from None
-        decoded = [(item.slot, item.key, codec.decode(item.value), item.version) for item in items]
         resume = None if done or not items else (items[-1].slot, items[-1].key)
-        return DbSlotsPage(decoded, resume)
+        return DbSlotsPage([(i.slot, i.key, i.value, i.version) for i in items], resume)
 
     # ------------------------------------------------------------ commander
 

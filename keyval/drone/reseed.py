@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import trio
 
@@ -22,7 +23,8 @@ from keyval.drone.slots import Drop, Instruction, Reseed
 from keyval.drone.state import DroneState
 from keyval.messages import DbReadSlots, DbSlotsPage
 from keyval.store import Item
-from wire.errors import Fenced, Internal, ServiceError
+from wire import codec
+from wire.errors import DecodeError, Fenced, Internal, ServiceError
 
 log = logging.getLogger("keyval.drone")
 
@@ -63,6 +65,14 @@ def plan_runs(reseeds: Iterable[Reseed]) -> list[list[SlotEpoch]]:
         else:
             runs.append([(reseed.slot, reseed.epoch)])
     return runs
+
+
+def decode_value(encoded: bytes, slot: int) -> Any:
+    """A stored CBOR value; Internal (the read is retried) if the db sent an undecodable one."""
+    try:
+        return codec.decode(encoded)
+    except DecodeError as error:
+        raise Internal(f"db sent an undecodable value in slot {slot}: {error}") from None
 
 
 def first_contiguous(slots: list[SlotEpoch]) -> list[SlotEpoch]:
@@ -163,7 +173,7 @@ class Reseeder:
             for slot, key, value, version in page.items:
                 if not next_slot <= slot <= last:
                     raise Internal(f"db sent slot {slot} for a read of {next_slot}..{last}")
-                held.setdefault(slot, []).append((key, value, version))
+                held.setdefault(slot, []).append((key, decode_value(value, slot), version))
             passed = last if page.next is None else page.next[0] - 1
             for slot in range(next_slot, passed + 1):
                 self.install(slot, epochs[slot], held.pop(slot, []))

@@ -15,6 +15,7 @@ from keyval.messages import DbReadSlot, DbReadSlots, DbSlotsPage
 from tests.db.conftest import DRONE, OTHER_DRONE, grant_key, make_grant
 from tests.db.test_backend_contract import delete, put
 from tests.db.test_service import op, op_id, write
+from wire import codec
 from wire.errors import BadRequest, Fenced, TooLarge, Unauthorized
 
 
@@ -121,7 +122,7 @@ async def test_service_reads_a_range_in_pages(database: Database) -> None:
     found = await read_range(database, grant, 40, 44)
     assert [(slot, key) for slot, key, _value, _version in found] == ordered(keys)
     by_key = {key: (value, version) for _slot, key, value, version in found}
-    assert by_key[canonical_key(keys[4])] == ({"i": 4}, 5)
+    assert by_key[canonical_key(keys[4])] == (codec.encode({"i": 4}), 5)
 
 
 async def test_service_range_read_fences_every_slot_for_the_old_owner(

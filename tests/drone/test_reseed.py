@@ -17,7 +17,13 @@ from trio.testing import MockClock
 
 from keyval.db.service import Database
 from keyval.db.sqlite import SqliteBackend
-from keyval.drone.reseed import MAX_RUN_SLOTS, Reseeder, first_contiguous, plan_runs
+from keyval.drone.reseed import (
+    MAX_RUN_SLOTS,
+    Reseeder,
+    decode_value,
+    first_contiguous,
+    plan_runs,
+)
 from keyval.drone.slots import Reseed, SlotStatus
 from keyval.drone.state import DroneState
 from keyval.grants import Grant, sign_grant
@@ -34,6 +40,7 @@ from keyval.messages import (
 )
 from tests.drone.harness import AUTOJUMP_S
 from wire.channel import PeerInfo
+from wire.errors import Internal
 from wire.messages import Message
 
 DRONE = PeerInfo("drone-1", "drone")
@@ -140,6 +147,12 @@ def test_runs_are_consecutive_slots_of_bounded_length() -> None:
     long = plan_runs(Reseed(slot, 1) for slot in range(MAX_RUN_SLOTS + 5))
     assert [len(run) for run in long] == [MAX_RUN_SLOTS, 5]
     assert plan_runs([]) == []
+
+
+def test_an_undecodable_stored_value_is_an_internal_error() -> None:
+    assert decode_value(b"\x83\x01\x02\x03", 5) == [1, 2, 3]
+    with pytest.raises(Internal):
+        decode_value(b"\xff", 5)
 
 
 def test_first_contiguous() -> None:
