@@ -38,7 +38,7 @@ GO_TIMEOUT_S = 600.0  # the parent waits for every process to be ready, then say
 PRELOAD_TASKS = 64  # concurrent writes per process while preloading
 # A preload write that fails (the client already retried within its own deadline) is tried
 # again a few times: a cluster that has just come up may still be settling its slot map.
-PRELOAD_ATTEMPTS = 3
+PRELOAD_ATTEMPTS = 5
 PRELOAD_RETRY_PAUSE_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
 # After a failed operation a task waits this long before the next one, so a dead server
