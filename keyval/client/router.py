@@ -32,7 +32,15 @@ from keyval.client.links import CONNECTION_ERRORS, LinkPool
 from keyval.client.policy import Attempts, RetryPolicy
 from keyval.client.routing import Route, SlotTable
 from keyval.messages import GetMap, SlotMap
-from wire.errors import Ask, Moved, NotLeader, ServiceError, Timeout, Unavailable
+from wire.errors import (
+    Ask,
+    LocalProtocolError,
+    Moved,
+    NotLeader,
+    ServiceError,
+    Timeout,
+    Unavailable,
+)
 from wire.messages import Message
 
 logger = logging.getLogger("keyval.client")
@@ -182,6 +190,11 @@ class Router:
         except CONNECTION_ERRORS as error:
             await self.pool.drop(route.address, link)
             raise Unavailable(f"connection to {route.drone} lost: {error}") from error
+        except LocalProtocolError as error:
+            # The channel failed (the peer died mid-frame) before the connection noticed:
+            # keyval.net lets the request reach the dead channel. A lost connection to us.
+            await self.pool.drop(route.address, link)
+            raise Unavailable(f"connection to {route.drone} unusable: {error}") from error
         except trio.TooSlowError:
             raise Timeout(f"{route.drone} did not answer within {timeout:.3f} s") from None
         except Unavailable as error:

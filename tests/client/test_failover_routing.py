@@ -7,6 +7,7 @@ import pytest
 import trio
 import trio.testing
 
+from keyval import net
 from keyval.client.aio import GET_MANY_KEYS_PER_REQUEST, AsyncClient
 from keyval.client.errors import DeadlineExceeded
 from keyval.client.router import (
@@ -19,7 +20,7 @@ from keyval.client.router import (
 from keyval.keys import NUM_SLOTS, key_slot
 from keyval.messages import GetMany
 from tests.client.fakes import FakeCluster
-from wire.errors import Moved, Timeout, TooLarge, Unavailable
+from wire.errors import Moved, Timeout, TooLarge, Unavailable, WireError
 
 DETECTION_S = 0.6  # the commander's lease lapse + detection, in virtual time
 
@@ -189,3 +190,23 @@ async def test_get_many_waits_for_a_slot_without_owner(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(assign_later)
         assert await kv.get_many([key]) == {key: 1}
+
+
+async def test_a_connection_whose_channel_failed_is_redialled(
+    kv: AsyncClient, cluster: FakeCluster
+) -> None:
+    [key] = keys_on(cluster, "drone-1", 1)
+    await kv.put(key, 1)
+    address = address_of(cluster, "drone-1")
+    link = await kv.router.pool.get(address, "drone-1", timeout=1)
+    assert isinstance(link, net.Connection)
+    # A truncated, unauthenticated frame puts the channel in its error state, as a drone
+    # killed mid-frame does, before the connection's reader has noticed.
+    channel = link._link.channel
+    channel.receive_data(b"\x00\x00\x00\x08garbage!")
+    with pytest.raises(WireError):
+        channel.next_event()
+    assert not channel.can_send and not link.is_closed
+    dials = cluster.dials
+    assert await kv.get(key) == 1
+    assert cluster.dials == dials + 1
