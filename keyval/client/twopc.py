@@ -55,6 +55,10 @@ DEFAULT_TIME_BOUND_MS = 5000
 # abort at the deadline, and a participant recovers within its own 1 s margin after it.
 ANSWER_MARGIN_MS = 2000
 
+# Tries of one prepare: a retry (same txid) covers a dropped connection; a drone that stays
+# unreachable fails the attempt fast, so the others are released and the commit re-routed.
+PREPARE_ATTEMPTS = 3
+
 DECISION_COMMIT = "commit"
 DECISION_ABORT = "abort"
 
@@ -186,12 +190,16 @@ def _outcome(
     if committed:
         return versions
     errors = [a for a in answers.values() if isinstance(a, ServiceError)]
-    conflict: ServiceError | None = next((e for e in errors if isinstance(e, Conflict)), None)
-    refusal = conflict or next((e for e in errors if isinstance(e, REFUSALS)), None)
-    if refusal is not None:  # that participant never voted yes: nothing committed
-        raise refusal
-    if DECISION_ABORT in decided:
-        raise _Retry("aborted: a participant failed") from errors[0]
+    refusals = [e for e in errors if isinstance(e, (Conflict, *REFUSALS))]
+    unreachable = [e for e in errors if not isinstance(e, (Conflict, *REFUSALS))]
+    if unreachable and DECISION_ABORT in decided:
+        # We aborted because a drone did not answer (the others then report Conflict):
+        # nothing applied; re-route and try again.
+        raise _Retry("aborted: a participant did not answer") from unreachable[0]
+    if refusals:  # a participant voted no or refused: nothing committed
+        # A refusal (bad input, permission) is the cause; the others' Conflict follows from it.
+        refused = next((e for e in refusals if not isinstance(e, Conflict)), None)
+        raise refused or refusals[0]
     raise CommitUnknown(
         "no participant could tell whether the transaction committed",
         detail={"errors": [e.message for e in errors]},
@@ -201,7 +209,9 @@ def _outcome(
 async def _send(router: Router, route: Route, msg: Message, time_left_ms: int) -> Message:
     """One participant's request, retried (same txid: idempotent) while the bound lasts."""
     wait_s = (time_left_ms + ANSWER_MARGIN_MS) / 1000
-    policy = dataclasses.replace(router.policy, request_timeout_s=wait_s)
+    policy = dataclasses.replace(
+        router.policy, request_timeout_s=wait_s, max_attempts=PREPARE_ATTEMPTS
+    )
     attempts = Attempts(policy=policy, deadline=trio.current_time() + wait_s)
 
     async def once(attempts: Attempts) -> Message:

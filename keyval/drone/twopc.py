@@ -112,6 +112,7 @@ class Participant:
             collections.OrderedDict()
         )
         self._released = trio.Event()  # set and replaced whenever a transaction resolves
+        self.recovery_max_ms = RECOVERY_MAX_MS
         self.committed = 0
         self.aborted = 0
 
@@ -264,7 +265,7 @@ class Participant:
 
     async def _resolve(self, prepared: _Prepared) -> str:
         """Record abort unless decided (CAS) and finish; keep it in doubt if the db is away."""
-        with trio.move_on_after(RECOVERY_MAX_MS / 1000):
+        with trio.move_on_after(self.recovery_max_ms / 1000):
             while True:
                 try:
                     decision = await self._ask_db(prepared.txid)

@@ -31,6 +31,8 @@ from keyval.keys import NUM_SLOTS, key_slot
 from keyval.messages import (
     DbGrantKey,
     DbGrantKeyReply,
+    DbRegisterTerm,
+    DbSaveMap,
     GetMap,
     Heartbeat,
     HeartbeatReply,
@@ -97,7 +99,12 @@ class MemoryNet:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.servers: dict[str, tuple[str, Handler]] = {}
+        self.nurseries: dict[str, trio.Nursery] = {}  # where an address's connections run
         self.down: set[str] = set()
+        self.dead: set[str] = set()  # principals that can no longer dial out
+
+    def down_names(self) -> set[str]:
+        return {self.servers[address][0] for address in self.down if address in self.servers}
 
     def dialer(self, principal: str) -> MemoryDialer:
         return MemoryDialer(self, principal)
@@ -111,34 +118,46 @@ class MemoryDialer:
         self.principal = principal
 
     async def __call__(self, address: str, service: str, *, timeout: float) -> net.Connection:
+        if self.principal in self.memory.dead:
+            raise Unavailable(f"{self.principal} is dead")
         if address in self.memory.down or address not in self.memory.servers:
             raise Unavailable(f"no route to {address}")
         name, handler = self.memory.servers[address]
         client_stream, server_stream = trio.testing.memory_stream_pair()
-        self.memory.nursery.start_soon(
-            net.serve_stream, server_stream, server_auth_for(name), handler
-        )
+        nursery = self.memory.nurseries.get(address, self.memory.nursery)
+        nursery.start_soon(net.serve_stream, server_stream, server_auth_for(name), handler)
         client_auth = PskClientAuth(self.principal, ROLES[self.principal], PSK)
         return await net.Connection.from_stream(client_stream, client_auth, timeout=timeout)
 
 
 class Commander:
-    """Grants each drone its third of the slots; tells clients the whole map."""
+    """Grants each drone its ranges; tells clients the whole map; can move a drone's slots."""
 
     def __init__(self, grant_key: bytes) -> None:
         self.grant_key = grant_key
+        self.ranges = {drone: ranges_of(drone) for drone in DRONES}
+        self.version = 1
+
+    def move(self, source: str, target: str) -> tuple[tuple[int, int, int], ...]:
+        """Give `source`'s ranges to `target` under the next epoch; the new map's ranges."""
+        moved = tuple((first, last, epoch + 1) for first, last, epoch in self.ranges[source])
+        self.ranges[source] = ()
+        self.ranges[target] = tuple(sorted(self.ranges[target] + moved))
+        self.version += 1
+        return moved
+
+    def map_ranges(self) -> list[tuple[int, int, str, int]]:
+        return sorted((f, last, d, e) for d, ranges in self.ranges.items() for f, last, e in ranges)
 
     async def __call__(self, peer: PeerInfo, msg: Message) -> Message:
         if isinstance(msg, Register):
             return Registered(incarnation=1, heartbeat_ms=100, lease_ms=600)
         if isinstance(msg, Heartbeat):
-            grant = sign_grant(Grant(msg.drone, 1, ranges_of(msg.drone), 0), self.grant_key)
-            return HeartbeatReply(grant=grant, map_version=1)
+            grant = Grant(msg.drone, 1, self.ranges.get(msg.drone, ()), 0)
+            return HeartbeatReply(grant=sign_grant(grant, self.grant_key), map_version=1)
         if isinstance(msg, GetMap):
-            ranges = sorted((f, last, d, e) for d in DRONES for f, last, e in ranges_of(d))
-            return SlotMap(
-                term=1, version=1, ranges=ranges, drones={d: address_of(d) for d in DRONES}
-            )
+            drones = {d: address_of(d) for d in DRONES}
+            return SlotMap(term=1, version=self.version, ranges=self.map_ranges(), drones=drones)
         raise BadRequest(f"the test commander does not answer {msg.TYPE}")
 
 
@@ -149,6 +168,7 @@ class Cluster:
         self.db = Database(SqliteBackend(data / "keyval.sqlite3"))
         self.net.servers[DB_ADDRESS] = ("db", self.db.handle)
         self.drones: dict[str, Drone] = {}
+        self.scopes: dict[str, trio.CancelScope] = {}
 
     async def start(self) -> None:
         await self.db.open()
@@ -158,23 +178,57 @@ class Cluster:
         if not isinstance(reply, DbGrantKeyReply):
             raise RuntimeError("no grant key")
         await connection.aclose()
-        self.net.servers[COMMANDER_ADDRESS] = ("commander-1", Commander(reply.key))
+        self.commander = Commander(reply.key)
+        self.net.servers[COMMANDER_ADDRESS] = ("commander-1", self.commander)
         for name in DRONES:
-            settings = DroneSettings(
-                db=DB_ADDRESS, commanders=(Endpoint("commander-1", COMMANDER_ADDRESS),)
-            )
-            security = Security(self.net.dialer(name), functools.partial(server_auth_for, name))
-            drone = Drone(name, settings, security)
-            self.drones[name] = drone
+            await self.nursery.start(self._run_drone, name)
+        await self.wait_loaded()
+
+    async def _run_drone(self, name: str, *, task_status: trio.TaskStatus[None]) -> None:
+        """One drone, its background tasks and its served connections, in a nursery of its own
+        (cancelling it is a SIGKILL: nothing of the drone runs on)."""
+        settings = DroneSettings(
+            db=DB_ADDRESS, commanders=(Endpoint("commander-1", COMMANDER_ADDRESS),)
+        )
+        security = Security(self.net.dialer(name), functools.partial(server_auth_for, name))
+        drone = Drone(name, settings, security)
+        self.drones[name] = drone
+        async with trio.open_nursery() as inner:
+            self.scopes[name] = inner.cancel_scope
+            self.net.nurseries[address_of(name)] = inner
             self.net.servers[address_of(name)] = (name, DroneHandler(drone.state))
-            await drone.start_background(self.nursery, address_of(name))
+            await drone.start_background(inner, address_of(name))
+            task_status.started()
+
+    def kill(self, name: str) -> None:
+        """As SIGKILL would: unreachable, silent, its tasks gone. Shielded tasks (a vote's
+        outcome) still finish, but cannot reach anyone, and give up recovering at once."""
+        self.participant(name).recovery_max_ms = 0
+        self.net.down.add(address_of(name))
+        self.net.dead.add(name)
+        self.scopes[name].cancel()
+
+    async def move(self, source: str, target: str) -> None:
+        """Give a (dead) drone's slots to another: save the map (raising the fences) first."""
+        self.commander.move(source, target)
+        link = await self.link("commander-1", DB_ADDRESS)
+        await link.request(DbRegisterTerm("commander-1", 1), timeout=5)
+        await link.request(
+            DbSaveMap(1, self.commander.version, self.commander.map_ranges()), timeout=5
+        )
+        await link.aclose()
+        await self.wait_loaded()
+
+    async def wait_loaded(self) -> None:
         with trio.fail_after(10):
-            while not all(self._loaded(name) for name in DRONES):
+            while not all(
+                self._loaded(name) for name in DRONES if name not in self.net.down_names()
+            ):
                 await trio.sleep(0.05)
 
     def _loaded(self, name: str) -> bool:
         ready = self.drones[name].state.table.ready_ranges()
-        return sorted(ready) == sorted(ranges_of(name))
+        return sorted(ready) == sorted(self.commander.ranges[name])
 
     def participant(self, drone: str) -> Participant:
         return participant(self.drones[drone].state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import AsyncIterator
@@ -37,7 +38,7 @@ from tests.twopc.harness import (
     keys_on,
     ranges_of,
 )
-from wire.errors import BadRequest, Conflict, TooLarge
+from wire.errors import BadRequest, Conflict, TooLarge, WireError
 
 ONE, TWO, THREE = (
     keys_on("drone-1", 1, "a")[0],
@@ -400,3 +401,56 @@ async def test_get_many_in_a_transaction_records_every_read(
             await kv.put(THREE, 30)  # changes a key the snapshot read
             await tx.put(ONE, sum(seen.values()))
     assert await kv.get(ONE) == 1
+
+
+async def test_a_participant_killed_after_its_vote_loses_nothing(
+    cluster: Cluster, kv: AsyncClient
+) -> None:
+    # drone-2 votes, then dies (SIGKILL: its tasks and connections vanish). drone-1's vote
+    # completes the ballot: the db stores both writes with the decision. drone-2's slots go
+    # to drone-3, which reseeds them from the db and serves the committed value.
+    await kv.put(ONE, 1)
+    await kv.put(TWO, 1)
+    txid = os.urandom(16)
+    participants = ["drone-1", "drone-2"]
+    two = await cluster.link("client", address_of("drone-2"))
+    one = await cluster.link("client", address_of("drone-1"))
+    async with trio.open_nursery() as nursery:
+
+        async def doomed() -> None:
+            # Whatever comes back (the link dies with the drone, or a shielded reply of the
+            # cancelled task): the client cannot rely on drone-2's answer.
+            with contextlib.suppress(WireError):
+                msg = TxnPrepare(txid, participants, [], [(TWO, "put", 2)], 5000)
+                await two.request(msg, timeout=60)
+
+        nursery.start_soon(doomed)
+        await trio.sleep(0.2)
+        assert cluster.participant("drone-2").statistics()["prepared"] == 1
+        cluster.kill("drone-2")
+        msg = TxnPrepare(txid, participants, [], [(ONE, "put", 2)], 5000)
+        reply = await one.request(msg, timeout=60)
+    assert isinstance(reply, Committed)
+    await cluster.move("drone-2", "drone-3")
+    await kv.router.refresh(kv.router.start(), seen=kv.router.refreshes)
+    assert (await kv.get(ONE), await kv.get(TWO)) == (2, 2)
+
+
+async def test_a_participant_killed_before_its_vote_aborts_and_the_client_reroutes(
+    cluster: Cluster, kv: AsyncClient
+) -> None:
+    await kv.put(ONE, 1)
+    await kv.put(TWO, 1)
+    cluster.kill("drone-2")
+
+    async def move_soon() -> None:
+        await trio.sleep(0.5)
+        await cluster.move("drone-2", "drone-3")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(move_soon)
+        async with kv.transaction() as tx:
+            await tx.put(ONE, 5)
+            await tx.put(TWO, 5)  # drone-2 is gone: abort, refresh the map, commit on drone-3
+    assert (await kv.get(ONE), await kv.get(TWO)) == (5, 5)
+    assert cluster.participant("drone-1").statistics()["locked_keys"] == 0
