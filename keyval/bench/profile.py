@@ -28,9 +28,10 @@ class ProfilerMissing(BenchError):
 
 
 # The total-time list shows keyval's own frames (not trio's or the standard library's), and
-# leaves out the trunk every sample passes through (main, the event loop's entry).
+# leaves out the trunk nearly every sample passes through (main, the event loop's entry):
+# frames within TRUNK_FRACTION of the most frequent one.
 PROJECT_FILE_PREFIXES = ("keyval/", "wire/", "auth/")
-TRUNK_PERCENT = 90.0
+TRUNK_FRACTION = 0.95
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,9 @@ def summarize(raw: str, top: int = TOP_FRAMES) -> ProfileSummary:
     def percents(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(frame, 100.0 * n / samples) for frame, n in counter.most_common()]
 
-    below_trunk = [item for item in percents(total_samples) if item[1] < TRUNK_PERCENT]
+    totals = percents(total_samples)
+    trunk_percent = totals[0][1] * TRUNK_FRACTION if totals else 0.0
+    below_trunk = [item for item in totals if item[1] < trunk_percent]
     return ProfileSummary(
         samples,
         percents(self_samples)[:top],
