@@ -316,6 +316,8 @@ class Connection:
         connection raises `Unavailable`; the deadline raises `Timeout`."""
         if self._link.broken is not None:
             raise Unavailable(self._link.broken)
+        if not self._link.channel.can_send:  # closed by the peer or by us: nothing can go out
+            raise Unavailable("connection closed")
         if self._next_rid > MAX_REQUEST_ID:
             raise Unavailable("request ids exhausted; open a new connection")
         rid = self._next_rid

@@ -52,14 +52,16 @@ class SlotStore:
 
     def install_slot(self, slot: int, items: Iterable[Item]) -> None:
         """Replace `slot` with `items` (in any order); its version counter starts above them."""
-        data: SortedDict = SortedDict()
+        pairs: list[tuple[bytes, tuple[Any, int]]] = []
         highest = 0
         for key, value, version in items:
             if type(key) is not bytes or type(version) is not int or version <= 0:
                 raise BadRequest(f"bad reseed item for slot {slot}: version {version!r}")
-            data[key] = (value, version)
-            highest = max(highest, version)
-        self._slots[slot] = data
+            pairs.append((key, (value, version)))
+            if version > highest:
+                highest = version
+        # One bulk build (SortedDict sorts once) instead of a sorted insert per key.
+        self._slots[slot] = SortedDict(pairs)
         self._last_version[slot] = highest
 
     def create_slot(self, slot: int) -> None:
