@@ -240,6 +240,7 @@ class Cluster:
             name = f"drone-{index}"
             config = self._identity(name, self._listen(DRONE_PORT_OFFSET + index - 1))
             argv = ["drone", "--config", str(config), "--db", db_address]
+            argv += ["--data", str(self.root / name)]
             for address in commander_addresses:
                 argv += ["--commander", address]
             self.start(self._node("drone", name, argv))

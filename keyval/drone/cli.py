@@ -15,6 +15,7 @@ from keyval.drone.daemon import (
     run_drone,
     settings_from_options,
 )
+from keyval.drone.vote import VoteFileError
 from keyval.nodeconfig import ConfigError, add_identity_arguments, resolve
 from keyval.observe import setup_logging
 from wire.errors import WireError
@@ -30,6 +31,11 @@ def register(subparsers: Any) -> None:
         "writing every change through to the db.",
     )
     add_identity_arguments(parser, listen_default=DEFAULT_LISTEN)
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="the drone's data directory (its election vote, kept across restarts)",
+    )
     group = parser.add_argument_group("drone")
     group.add_argument("--db", metavar="HOST:PORT", help="the database interface")
     group.add_argument(
@@ -76,6 +82,8 @@ def _startup_error(error: BaseException) -> tuple[int, str] | None:
         return None
     if isinstance(error, ConfigError):
         return 2, str(error)
+    if isinstance(error, VoteFileError):
+        return 1, f"cannot start: {error} (refusing to risk voting twice in a term)"
     if isinstance(error, OSError | KeyFileError):
         return 1, f"cannot start: {error}"
     if isinstance(error, WireError):

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -21,6 +22,7 @@ from keyval.drone.heartbeat import Heartbeater
 from keyval.drone.links import Dialer, ServiceLink
 from keyval.drone.reseed import Reseeder
 from keyval.drone.state import DroneState, Limits
+from keyval.drone.vote import VoteFile
 from keyval.keys import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from keyval.nodeconfig import ConfigError, NodeOptions, split_address, write_ready_file
 from wire.channel import PeerInfo, ServerAuth
@@ -29,6 +31,9 @@ log = logging.getLogger("keyval.drone")
 
 DEFAULT_LISTEN = "127.0.0.1:6240"
 DEFAULT_DB_NAME = "db"
+
+# The drone's persisted election vote, inside --data.
+VOTE_FILE_NAME = "vote.json"
 
 # Largest limits an operator may set: a key or value must fit one 1 MiB frame with its envelope.
 MAX_KEY_BYTES_LIMIT = 64 * 1024
@@ -41,6 +46,9 @@ class DroneSettings:
     commanders: tuple[Endpoint, ...]
     db_name: str = DEFAULT_DB_NAME
     limits: Limits = dataclasses.field(default_factory=Limits)
+    # Where the drone keeps its election vote (vote.json); None: in memory only (tests), so a
+    # restarted drone could vote twice in one term.
+    data: Path | None = None
 
 
 def _int_option(options: NodeOptions, key: str, default: int, maximum: int) -> int:
@@ -88,6 +96,7 @@ def settings_from_options(options: NodeOptions) -> DroneSettings:
         commanders=parse_commanders(entries),
         db_name=str(options.get("db_name") or DEFAULT_DB_NAME),
         limits=limits,
+        data=options.data,
     )
 
 
@@ -145,8 +154,17 @@ class Drone:
         """Start the batch loop and the heartbeats; `address` is what clients are told."""
         self.address = address
         await nursery.start(self.state.batcher.run)
+        vote_file = None
+        if self.settings.data is not None:
+            self.settings.data.mkdir(parents=True, exist_ok=True)
+            vote_file = VoteFile(self.settings.data / VOTE_FILE_NAME)
         self.heartbeater = Heartbeater(
-            self.state, self.reseeder, self.settings.commanders, self.security.dial, address
+            self.state,
+            self.reseeder,
+            self.settings.commanders,
+            self.security.dial,
+            address,
+            vote_file=vote_file,
         )
         nursery.start_soon(self.heartbeater.run, nursery)
 
