@@ -242,6 +242,10 @@ class Register(Message):
     drone: str
     address: str  # host:port clients use to reach it
     capacity_keys: int = 0  # 0: unknown / unlimited
+    # Slots this drone still holds loaded in memory, as READY ranges (first, last, epoch), e.g.
+    # after its leader changed: a new commander term that resumes the persisted map keeps the
+    # epoch of each slot it reports at exactly the persisted epoch (no reseed). Empty: none.
+    held: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @message("cmd.registered")
@@ -271,6 +275,9 @@ class HeartbeatReply(Message):
     # ... and slots coming to this drone (send AwaitGrant to get them at once).
     importing: list[int] = field(default_factory=list)
     sent_ms: int = 0  # the commander's clock when it answered (the drone echoes it: ack_ms)
+    # True while the commander has no map saved under its term yet: `grant` is empty and is not
+    # a grant at all. The drone keeps its slots as they are (and renews nothing) until a real one.
+    provisional: bool = False
 
 
 @message("cmd.await_grant")

@@ -25,7 +25,7 @@ from auth.service import ServiceIdentity
 from keyval import net, observe
 from keyval.commander.dblink import DbLink
 from keyval.commander.election import Election
-from keyval.commander.state import CommanderState, DroneFailed, SaveMap
+from keyval.commander.state import CommanderState, DroneFailed, Phase, SaveMap
 from keyval.grants import Grant, sign_grant
 from keyval.messages import (
     AwaitGrant,
@@ -136,9 +136,15 @@ class Commander:
 
     def _register(self, peer: PeerInfo, msg: Register) -> Message:
         _require_drone(peer, msg.drone)
-        record = self.state.register(msg.drone, msg.address, msg.capacity_keys, self.now())
+        record = self.state.register(
+            msg.drone, msg.address, msg.capacity_keys, self.now(), held=msg.held
+        )
         logger.info(
-            "drone %s registered at %s (incarnation %d)", msg.drone, msg.address, record.incarnation
+            "drone %s registered at %s (incarnation %d, holding %d slots)",
+            msg.drone,
+            msg.address,
+            record.incarnation,
+            len(record.held),
         )
         self._wake.set()
         return Registered(record.incarnation, self.state.heartbeat_ms, self.state.lease_ms)
@@ -157,6 +163,7 @@ class Commander:
             release=release,
             importing=importing,
             sent_ms=math.floor(self.now() * 1000),  # echoed back: our lease on the drones
+            provisional=not self.state.granting,
         )
 
     async def _wait_map_change(self, deadline: float) -> bool:
@@ -264,7 +271,16 @@ class Commander:
             with trio.move_on_after(FAILURE_CHECK_MS / 1000):
                 await self._wake.wait()
             self._wake = trio.Event()
-            for instruction in self.state.tick(self.now()):
+            resuming = self.state.phase is Phase.RESUMING
+            instructions = self.state.tick(self.now())
+            if resuming and self.state.phase is not Phase.RESUMING:
+                logger.info(
+                    "term %d resumed the persisted map: %d slots kept their epoch (owner still "
+                    "held them), the rest move to a new epoch",
+                    self.state.term,
+                    self.state.resume_kept,
+                )
+            for instruction in instructions:
                 if isinstance(instruction, DroneFailed):
                     logger.warning("drone %s failed: its lease expired", instruction.drone)
                     observe.current_metrics().drone_failures.inc()

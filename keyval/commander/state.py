@@ -21,10 +21,13 @@ Start-up, resume and returning drones (the choices, as the issue asks to documen
 - Commander restart with a persisted map: the previous commander's grants may still be live,
   so each persisted owner is treated as holding a lease until `start + expiry`. Drones that
   re-register under a name that owns slots, within `RESUME_GRACE_MS` of the start, get their
-  persisted slots back with each slot's epoch bumped by one (so versions and fences move past
-  anything from the previous term, and a drone that restarted reseeds). This is what a user
-  restarting a whole cluster expects. Owners that do not come back within the grace are
-  treated as failed: their slots are spread over the drones that did.
+  persisted slots back. A slot the drone reports still holding in memory (Register.held) at
+  exactly the persisted epoch keeps that epoch: the same drone goes on serving what it has, no
+  reseed (docs/design.md, "Continuity across terms", argues why that is safe). Every other slot
+  gets its epoch bumped by one (so versions and fences move past anything from the previous
+  term, and a drone that restarted reseeds). This is what a user restarting a whole cluster
+  expects. Owners that do not come back within the grace are treated as failed: their slots
+  are spread over the drones that did.
 - While this commander runs, a drone that was declared failed and comes back is a new drone
   (a new incarnation, no slots by surprise); it only gets the fair share that rebalancing
   gives any newcomer, under new epochs.
@@ -50,7 +53,7 @@ from typing import Any
 
 from keyval.commander import placement
 from keyval.commander.slotmap import NO_OWNER, GrantRange, MapRange, SlotTable, without_slots
-from keyval.grants import NUM_SLOTS
+from keyval.grants import NUM_SLOTS, check_ranges
 from keyval.nodeconfig import ConfigError, split_address
 from keyval.timing import HEARTBEAT_MS, LEASE_MS, RESUME_GRACE_MS, commander_expiry_ms
 from wire.errors import BadRequest, NotFound, Unavailable
@@ -124,6 +127,8 @@ class DroneRecord:
     last_heartbeat_at: float
     load: dict[str, Any] = field(default_factory=dict)
     draining: bool = False
+    # What the drone said it holds loaded when it registered: slot -> epoch (for `_resume`).
+    held: dict[int, int] = field(default_factory=dict)
 
     def free_capacity(self) -> float | None:
         if self.capacity_keys <= 0:
@@ -174,6 +179,7 @@ class CommanderState:
         self.migrations: dict[int, Migration] = {}  # slot -> live move in progress
         self._released: dict[int, str] = {}  # slot -> source that released it (no lease wait)
         self._persisted_owners = {owner for owner in self.saved.owners if owner != NO_OWNER}
+        self.resume_kept = 0  # slots whose epoch the resume kept (their owner held them)
         if self._persisted_owners:
             self.phase = Phase.RESUMING
             self._resume_deadline = now + resume_grace_ms / 1000
@@ -189,9 +195,17 @@ class CommanderState:
 
     # ------------------------------------------------------------ membership events
 
-    def register(self, drone: str, address: str, capacity_keys: int, now: float) -> DroneRecord:
-        """A drone (already authenticated as `drone`) joins. Raises BadRequest if the name is
-        live or the fields are bad; nothing changes then."""
+    def register(
+        self,
+        drone: str,
+        address: str,
+        capacity_keys: int,
+        now: float,
+        held: list[GrantRange] | None = None,
+    ) -> DroneRecord:
+        """A drone (already authenticated as `drone`) joins, holding `held` (ranges it still has
+        loaded from an earlier term). Raises BadRequest if the name is live or the fields are
+        bad; nothing changes then."""
         if not drone or len(drone) > MAX_DRONE_NAME_CHARS:
             raise BadRequest(f"drone name must be 1..{MAX_DRONE_NAME_CHARS} characters")
         try:
@@ -200,6 +214,7 @@ class CommanderState:
             raise BadRequest(f"drone {drone!r}: {error}") from None
         if capacity_keys < 0:
             raise BadRequest("capacity_keys must be >= 0 (0: unknown)")
+        held_epochs = _held_epochs(held or [])
         if drone in self.drones:
             raise BadRequest(
                 f"drone {drone!r} is already live (incarnation "
@@ -215,6 +230,7 @@ class CommanderState:
             incarnation=self.term * INCARNATIONS_PER_TERM + self._incarnations,
             capacity_keys=capacity_keys,
             last_heartbeat_at=now,
+            held=held_epochs if self.phase is Phase.RESUMING else {},
         )
         self.drones[drone] = record
         self._rebalance_pending = True
@@ -473,11 +489,20 @@ class CommanderState:
                 self._assign(slot, name)
 
     def _resume(self) -> None:
-        """Keep the persisted owners that came back, under bumped epochs, and save under our
-        term even if nothing else changed (grants need a map saved by us)."""
+        """Keep the persisted owners that came back, and save under our term even if nothing
+        else changed (grants need a map saved by us). A slot its owner still holds at exactly
+        the persisted epoch keeps it (no reseed); every other slot's epoch is bumped."""
+        self.resume_kept = 0
         for slot, owner in enumerate(self.working.owners):
-            if owner in self.drones:
+            record = self.drones.get(owner)
+            if record is None:
+                continue
+            if record.held.get(slot) == self.working.epochs[slot]:
+                self.resume_kept += 1
+            else:
                 self.working.epochs[slot] += 1
+        for record in self.drones.values():
+            record.held = {}  # only a resume reads it; no need to keep 16384 entries around
         self._dirty = True
 
     def _spread_orphans(self) -> None:
@@ -515,6 +540,11 @@ class CommanderState:
 
     # ------------------------------------------------------------ queries
 
+    @property
+    def granting(self) -> bool:
+        """A map was saved under our term: grants (possibly empty) are real from now on."""
+        return self._saved_by_us
+
     def map_ranges(self) -> list[MapRange]:
         """The saved map as ranges (what clients may rely on)."""
         if self._ranges_cache is None:
@@ -523,3 +553,12 @@ class CommanderState:
 
     def addresses(self) -> dict[str, str]:
         return {name: record.address for name, record in sorted(self.drones.items())}
+
+
+def _held_epochs(held: list[GrantRange]) -> dict[int, int]:
+    """slot -> epoch of a drone's reported ranges; BadRequest unless sorted, disjoint, in range."""
+    try:
+        check_ranges(tuple(held))
+    except BadRequest as error:
+        raise BadRequest(f"held: {error.message}") from None
+    return {slot: epoch for first, last, epoch in held for slot in range(first, last + 1)}

@@ -5,9 +5,11 @@ The drone first finds its leader: while it has none it ballots every commander
 It registers with the leader, then heartbeats every `heartbeat_ms` with its load, the ranges it
 has loaded and the echo of the leader's last reply time (`ack_ms`, the leader's lease). Each
 HeartbeatReply's grant replaces the held grant and renews the lease from the heartbeat's SEND
-time (slots.SlotTable). A leader that does not know the incarnation (NOT_FOUND) makes the drone
-register again as new. A leader that says it no longer leads (NOT_LEADER), or that has not
-answered for `vote.LEADER_TIMEOUT_MS`, is dropped for good and the drone ballots again.
+time (slots.SlotTable); a provisional reply (a new leader that has not saved its map yet)
+changes nothing. Registering reports the slots still loaded, so a new term can keep them.
+A leader that does not know the incarnation (NOT_FOUND) makes the drone register again as new.
+A leader that says it no longer leads (NOT_LEADER), or that has not answered for
+`vote.LEADER_TIMEOUT_MS`, is dropped for good and the drone ballots again.
 """
 
 from __future__ import annotations
@@ -149,7 +151,11 @@ class Heartbeater:
 
     async def _register(self) -> bool:
         """Register with the leader; False (leader dropped) if it cannot take us."""
-        request = Register(drone=self.state.name, address=self.address)
+        # What we still hold loaded (a leader change, not a restart): a new term that agrees
+        # on the epochs lets us keep serving it without a reseed.
+        request = Register(
+            drone=self.state.name, address=self.address, held=self.state.table.ready_ranges()
+        )
         deadline = trio.current_time() + LEADER_TIMEOUT_MS / 1000
         while trio.current_time() < deadline:
             try:
@@ -217,6 +223,8 @@ class Heartbeater:
 
     def take_reply(self, reply: HeartbeatReply, sent_at: float, nursery: trio.Nursery) -> None:
         """Apply a grant (from a heartbeat or a live move's long poll) sent at `sent_at`."""
+        if reply.provisional:
+            return  # the leader has no map saved under its term yet: not a grant, keep all
         instructions = self.state.table.apply_grant(
             reply.grant, sent_at=sent_at, lease_ms=self.lease_ms
         )

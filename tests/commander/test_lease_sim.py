@@ -29,6 +29,7 @@ class SimDrone:
     clock_rate: float  # drone clock seconds per commander second (drift)
     table: SlotTable = field(init=False)
     incarnation: int | None = None
+    reseeds: int = 0  # slots this drone loaded from the db
     next_beat: float = 0.0
     alive: bool = True
     cut_off: bool = False  # partitioned from the commander (clients still reach it)
@@ -43,11 +44,27 @@ class SimDrone:
 class Sim:
     def __init__(self, rates: list[float]) -> None:
         self.t = 0.0
+        self.term = 1
         self.commander = CommanderState(
             name="commander-1", term=1, now=0.0, expect_drones=len(rates), lease_ms=LEASE_MS
         )
         self.drones = [SimDrone(f"drone-{i + 1}", rate) for i, rate in enumerate(rates)]
         self.overlaps: list[tuple[float, str, str, int]] = []
+
+    def restart_commander(self) -> None:
+        """A new commander term resumes the saved map (a restart, or an election won)."""
+        self.term += 1
+        self.commander = CommanderState(
+            name="commander-1",
+            term=self.term,
+            now=self.t,
+            persisted_version=self.commander.saved_version,
+            persisted_ranges=self.commander.saved.ranges(),
+            expect_drones=len(self.drones),
+            lease_ms=LEASE_MS,
+        )
+        for drone in self.drones:
+            drone.incarnation = None  # the new term knows nobody: every drone registers
 
     def step(self) -> None:
         self.t += STEP_S
@@ -67,7 +84,8 @@ class Sim:
         arrive = self.t + DELAY_S
         if drone.incarnation is None:
             try:
-                record = self.commander.register(drone.name, "127.0.0.1:1", 0, arrive)
+                held = drone.table.ready_ranges()
+                record = self.commander.register(drone.name, "127.0.0.1:1", 0, arrive, held)
             except BadRequest:  # a live name: the old incarnation must expire first
                 return
             drone.incarnation = record.incarnation
@@ -78,9 +96,12 @@ class Sim:
             drone.incarnation = None
             drone.table = SlotTable(drone.name)  # re-registers as a new drone
             return
-        grant = Grant(drone.name, 1, tuple(ranges), int(arrive * 1000))
+        if not self.commander.granting:
+            return  # a provisional reply: the drone keeps what it holds, renews nothing
+        grant = Grant(drone.name, self.term, tuple(ranges), int(arrive * 1000))
         for instruction in drone.table.apply_grant(grant, sent_at=sent_at, lease_ms=LEASE_MS):
             if isinstance(instruction, Reseed):
+                drone.reseeds += 1
                 drone.table.mark_loaded(instruction.slot, instruction.epoch)
 
     def _check(self) -> None:
@@ -173,3 +194,43 @@ def test_live_move_whose_source_dies_before_releasing_ends_with_one_owner() -> N
     sim.run_until(3.0)
     sim.assert_settled()
     assert sim.commander.migrations == {}
+
+
+def test_a_new_commander_term_keeps_the_slots_their_owners_still_hold() -> None:
+    sim = Sim(RATES)
+    sim.run_until(1.0)
+    sim.assert_settled()
+    before = {d.name: d.reseeds for d in sim.drones}
+    epochs = list(sim.commander.saved.epochs)
+    for _ in range(3):
+        sim.restart_commander()
+        sim.run_until(sim.t + 1.5)
+        sim.assert_settled()
+    assert {d.name: d.reseeds for d in sim.drones} == before
+    assert sim.commander.saved.epochs == epochs
+
+
+def test_a_new_term_reseeds_only_the_restarted_drone_and_never_serves_twice() -> None:
+    sim = Sim(RATES)
+    sim.run_until(1.0)
+    restarted = sim.drones[1]
+    restarted.table = SlotTable(restarted.name)  # its process restarted: memory is gone
+    held_by_others = {d.name: d.reseeds for d in sim.drones if d is not restarted}
+    sim.restart_commander()
+    sim.run_until(sim.t + 2.0)
+    sim.assert_settled()
+    assert {d.name: d.reseeds for d in sim.drones if d is not restarted} == held_by_others
+    assert restarted.reseeds > 0
+
+
+def test_a_new_term_gives_an_unreachable_owners_slots_away_never_twice() -> None:
+    sim = Sim(RATES)
+    sim.run_until(1.0)
+    sim.drones[0].cut_off = True  # keeps its slots in memory, but cannot register
+    sim.restart_commander()
+    sim.run_until(sim.t + 3.0)
+    assert sim.overlaps == []
+    assert "drone-1" not in sim.commander.saved.owners
+    sim.drones[0].cut_off = False  # comes back late: a newcomer, nothing kept by surprise
+    sim.run_until(sim.t + 3.0)
+    sim.assert_settled()

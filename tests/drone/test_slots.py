@@ -101,3 +101,19 @@ def test_ready_ranges_merge_adjacent_slots_of_one_epoch() -> None:
     for slot in (0, 1, 2, 4, 5):
         table.mark_loaded(slot, table.epoch_of(slot) or 0)
     assert table.ready_ranges() == [(0, 2, 1), (4, 5, 2)]
+
+
+def test_a_new_term_granting_the_same_epochs_keeps_the_loaded_slots() -> None:
+    """Continuity across commander terms: same slots, same epochs, newer term: no Drop, no
+    Reseed; the lapsed lease is renewed and the slots serve again at once."""
+    table = SlotTable("drone-1")
+    for instruction in table.apply_grant(grant((0, 3, 4)), sent_at=10.0, lease_ms=LEASE_MS):
+        assert isinstance(instruction, Reseed)
+        table.mark_loaded(instruction.slot, instruction.epoch)
+    assert table.ready_ranges() == [(0, 3, 4)]  # what a re-registration reports
+    assert table.serving_slots(20.0) == []  # the old term's lease lapsed meanwhile
+    kept = table.apply_grant(grant((0, 3, 4), term=2), sent_at=20.0, lease_ms=LEASE_MS)
+    assert kept == []
+    assert table.serving_slots(20.1) == [0, 1, 2, 3]
+    bumped = table.apply_grant(grant((0, 1, 4), (2, 3, 5), term=3), sent_at=20.2, lease_ms=600)
+    assert bumped == [Drop(2), Drop(3), Reseed(2, 5), Reseed(3, 5)]
