@@ -29,3 +29,11 @@ class ProcessGone(BenchError):
 
 class ConnectionLost(BenchError):
     """A benchmark connection closed or failed while requests were outstanding."""
+
+
+class HttpProtocolError(BenchError):
+    """An HTTP server sent a response the bench's minimal HTTP/1.1 client does not accept."""
+
+
+class HttpStatusError(BenchError):
+    """An HTTP server answered with a status other than 200."""

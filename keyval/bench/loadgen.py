@@ -24,8 +24,9 @@ import trio
 
 from keyval.bench.errors import BenchError, LoadGeneratorError
 from keyval.bench.histogram import Histogram
+from keyval.bench.http import open_http_connection
 from keyval.bench.respclient import open_resp_connection
-from keyval.bench.sessions import KeyvalSession, RedisSession
+from keyval.bench.sessions import EtcdSession, KeyvalSession, RedisSession
 from keyval.bench.workloads import TXN_WORKLOADS, Session, one_operation, preload_items
 from keyval.messages import ACK_DURABLE, ACK_MEMORY
 from wire.errors import WireError
@@ -41,6 +42,9 @@ PRELOAD_TASKS = 64  # concurrent writes per process while preloading
 PRELOAD_ATTEMPTS = 5
 PRELOAD_RETRY_PAUSE_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
+# One etcd gateway request (connect, or send and read the reply); a durable put on a loaded
+# machine takes tens of milliseconds, so this only catches a server that stopped answering.
+HTTP_TIMEOUT_S = 10.0
 # After a failed operation a task waits this long before the next one, so a dead server
 # costs a few hundred errors per second per task instead of a hot loop.
 ERROR_PAUSE_S = 0.005
@@ -52,7 +56,7 @@ OPERATION_ERRORS = (WireError, BenchError, OSError, trio.BrokenResourceError)
 @dataclass
 class WorkerSpec:
     index: int
-    target: str  # "keyval" or "redis"
+    target: str  # "keyval", "redis" or "etcd"
     workload: str
     connections: int
     pipeline: int
@@ -62,7 +66,7 @@ class WorkerSpec:
     preload_stop: int
     seed: int
     config: str = ""  # keyval: client.toml
-    host: str = ""  # redis
+    host: str = ""  # redis, etcd
     port: int = 0
 
     def to_json(self) -> str:
@@ -114,6 +118,12 @@ async def open_sessions(spec: WorkerSpec) -> AsyncIterator[list[Session]]:
                     open_resp_connection(spec.host, spec.port, timeout_s=CONNECT_TIMEOUT_S)
                 )
                 per_connection.append(RedisSession(redis))
+        elif spec.target == "etcd":
+            for _ in range(spec.connections):
+                gateway = await stack.enter_async_context(
+                    open_http_connection(spec.host, spec.port, timeout_s=HTTP_TIMEOUT_S)
+                )
+                per_connection.append(EtcdSession(gateway))
         else:
             raise LoadGeneratorError(f"unknown target {spec.target!r}")
         tasks = spec.connections * spec.pipeline

@@ -47,8 +47,8 @@ def _cpu(row: Row) -> str:
     return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
 
 
-def _ratio(row: Row) -> str:
-    value = row.get("vs_redis")
+def _ratio(row: Row, name: str = "vs_redis") -> str:
+    value = row.get(name)
     return f"{value:.2f}x" if isinstance(value, (int, float)) else ""
 
 
@@ -68,6 +68,7 @@ THROUGHPUT_HEADER = (
     "errors",
     "server CPU us/op",
     "vs redis",
+    "vs etcd",
     "measured",
 )
 
@@ -75,7 +76,7 @@ THROUGHPUT_HEADER = (
 def throughput_cells(row: Row) -> list[str]:
     if row.get("skipped"):
         cells = [row["system"], row["workload"], "", "skipped", "", "", "", "", ""]
-        return [*cells, row["skipped"], str(row.get("measured", ""))]
+        return [*cells, row["skipped"], "", str(row.get("measured", ""))]
     return [
         str(row["system"]),
         str(row["workload"]),
@@ -87,6 +88,7 @@ def throughput_cells(row: Row) -> list[str]:
         _errors(row),
         _cpu(row),
         _ratio(row),
+        _ratio(row, "vs_etcd"),
         str(row.get("measured", "")),
     ]
 

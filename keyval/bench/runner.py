@@ -13,6 +13,7 @@ from typing import Any
 
 from keyval.bench.cluster import ClusterHandle, attach, local_cluster
 from keyval.bench.errors import BenchError
+from keyval.bench.etcdserver import EtcdMissing, running_etcd
 from keyval.bench.fanout import LoadResult, run_load, worker_specs
 from keyval.bench.options import BenchOptions
 from keyval.bench.proc import ServerProcess, cpu_delta_by_role, cpu_snapshot, rss_bytes
@@ -31,6 +32,8 @@ from keyval.bench.workloads import PRELOADED
 # Workloads whose writes keyval acknowledges only once durable; Redis runs them with
 # `appendfsync always`. get reads only; put-memory is the memory ack mode.
 REDIS_DURABLE = ("put", "mixed", "txn-local")
+# What the etcd load generator drives: single-key gets and puts (puts are always durable there).
+ETCD_WORKLOADS = ("get", "put", "mixed")
 MEMORY_VALUE_BYTES = 32  # the issue's memory shape: 16-byte keys, 32-byte values
 # After a bulk load, RSS is read once it has settled (write-behind buffers drained).
 SETTLE_INTERVAL_S = 0.5
@@ -217,12 +220,45 @@ def _redis_benchmark(
     return [row]
 
 
-def etcd_row(options: BenchOptions) -> Row:
-    if shutil.which("etcd") is None:
-        reason = "skipped: etcd not installed (apt-get install etcd-server)"
-    else:
-        reason = "skipped: the etcd comparison is not built yet"
-    return {**_shape(options, "etcd"), "skipped": reason}
+def etcd_skip_reason(options: BenchOptions) -> str | None:
+    """Why this shape has no etcd row, or None when it has one."""
+    if options.workload not in ETCD_WORKLOADS:
+        return f"skipped: {options.workload} is not driven against etcd (get, put, mixed are)"
+    if options.pipeline != 1:
+        return "skipped: the etcd gateway client sends one request at a time per connection"
+    return None
+
+
+def run_etcd(options: BenchOptions, folder: Path, outcome: Outcome) -> Row:
+    """The same load against a single-node etcd through its JSON gateway (durable puts)."""
+    reason = etcd_skip_reason(options)
+    if reason is not None:
+        return {**_shape(options, "etcd"), "skipped": reason}
+    try:
+        with running_etcd(folder / f"etcd-{options.workload}") as server:
+            specs = worker_specs(
+                target="etcd",
+                workload=options.workload,
+                connections=options.connections,
+                pipeline=options.pipeline,
+                processes=options.processes,
+                keys=options.keys,
+                value_bytes=options.value_bytes,
+                preload=options.workload in PRELOADED,
+                host=server.host,
+                port=server.port,
+            )
+            processes = [ServerProcess("etcd", "etcd", server.pid)]
+            result = run_load(
+                specs,
+                warmup_s=options.warmup_s,
+                seconds=options.seconds,
+                on_window=_cpu_hook(processes),
+            )
+            return _row(options, "etcd", result)
+    except EtcdMissing as error:
+        outcome.notes.append(f"etcd: {error}")
+        return {**_shape(options, "etcd"), "skipped": str(error)}
 
 
 def run_throughput(options: BenchOptions) -> Outcome:
@@ -239,19 +275,19 @@ def run_throughput(options: BenchOptions) -> Outcome:
         for system in options.versus:
             if system == "redis":
                 redis_rows = run_redis(options, folder, outcome)
-                _set_ratio(keyval_row, redis_rows[0])
+                _set_ratio(keyval_row, redis_rows[0], "vs_redis")
                 outcome.throughput += redis_rows
             elif system == "etcd":
-                row = etcd_row(options)
-                outcome.notes.append(f"etcd: {row['skipped']}")
-                outcome.throughput.append(row)
+                etcd = run_etcd(options, folder, outcome)
+                _set_ratio(keyval_row, etcd, "vs_etcd")
+                outcome.throughput.append(etcd)
     return outcome
 
 
-def _set_ratio(keyval_row: Row, redis_row: Row) -> None:
-    redis_rate = redis_row.get("ops_per_s")
-    if isinstance(redis_rate, (int, float)) and redis_rate > 0:
-        keyval_row["vs_redis"] = keyval_row["ops_per_s"] / redis_rate
+def _set_ratio(keyval_row: Row, other_row: Row, name: str) -> None:
+    other_rate = other_row.get("ops_per_s")
+    if isinstance(other_rate, (int, float)) and other_rate > 0:
+        keyval_row[name] = keyval_row["ops_per_s"] / other_rate
 
 
 def settled_rss_bytes(pid: int) -> int:

@@ -1,10 +1,13 @@
-"""`workloads.Session` for keyval (the trio client) and for Redis (respclient)."""
+"""`workloads.Session` for keyval (the trio client), Redis (respclient) and etcd (http)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from keyval.bench.errors import BenchError, RespProtocolError
+from keyval.bench.errors import BenchError, HttpProtocolError, RespProtocolError
+from keyval.bench.etcdserver import PUT_PATH, RANGE_PATH, put_body, range_body
+from keyval.bench.http import HttpConnection
 from keyval.bench.resp import RespError
 from keyval.bench.respclient import RespConnection
 from keyval.client import AsyncClient, AsyncTransaction
@@ -77,6 +80,36 @@ class RedisSession:
 
     async def scan(self, prefix: str, limit: int) -> int:
         raise BenchError("scan has no Redis equivalent in this bench")
+
+
+class EtcdSession:
+    """etcd's v3 JSON gateway: put and range of one key; no transactions or scans here."""
+
+    def __init__(self, connection: HttpConnection) -> None:
+        self.connection = connection
+
+    async def get(self, key: str) -> None:
+        _expect_header(await self.connection.post(RANGE_PATH, range_body(key)))
+
+    async def put(self, key: str, value: bytes | int) -> None:
+        data = value if isinstance(value, bytes) else str(value).encode()
+        _expect_header(await self.connection.post(PUT_PATH, put_body(key, data)))
+
+    async def increment_pair(self, first: str, second: str) -> None:
+        raise BenchError("transactions are not driven against etcd in this bench")
+
+    async def scan(self, prefix: str, limit: int) -> int:
+        raise BenchError("scan is not driven against etcd in this bench")
+
+
+def _expect_header(body: bytes) -> None:
+    """A gateway success reply is a JSON object with a `header` (cluster id, revision)."""
+    try:
+        reply = json.loads(body)
+    except ValueError as error:
+        raise HttpProtocolError(f"etcd replied with non-JSON {body[:80]!r}") from error
+    if not isinstance(reply, dict) or not isinstance(reply.get("header"), dict):
+        raise HttpProtocolError(f"etcd reply lacks a header: {body[:120]!r}")
 
 
 def _integers(reply: Any) -> tuple[int, int]:
