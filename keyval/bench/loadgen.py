@@ -25,6 +25,7 @@ import trio
 from keyval.bench.errors import BenchError, LoadGeneratorError
 from keyval.bench.histogram import Histogram
 from keyval.bench.http import open_http_connection
+from keyval.bench.pairs import PairOf, keyval_cross_pairs, local_pair, plain_cross_pair
 from keyval.bench.respclient import open_resp_connection
 from keyval.bench.sessions import EtcdSession, KeyvalSession, RedisSession
 from keyval.bench.workloads import TXN_WORKLOADS, Session, one_operation, preload_items
@@ -130,9 +131,21 @@ async def open_sessions(spec: WorkerSpec) -> AsyncIterator[list[Session]]:
         yield [per_connection[index % len(per_connection)] for index in range(tasks)]
 
 
-async def preload(spec: WorkerSpec, sessions: list[Session]) -> int:
+async def pair_source(spec: WorkerSpec, sessions: list[Session]) -> PairOf:
+    """Where the transaction workloads' key pairs come from (keyval.bench.pairs)."""
+    if spec.workload != "txn-cross":
+        return local_pair
+    first = sessions[0]
+    if isinstance(first, KeyvalSession):
+        return await keyval_cross_pairs(first.client, spec.keys)
+    return plain_cross_pair
+
+
+async def preload(spec: WorkerSpec, sessions: list[Session], pair_of: PairOf = local_pair) -> int:
     value = b"v" * spec.value_bytes
-    items = iter(preload_items(spec.workload, spec.preload_first, spec.preload_stop, value))
+    items = iter(
+        preload_items(spec.workload, spec.preload_first, spec.preload_stop, value, pair_of)
+    )
     written = 0
 
     async def writer(session: Session) -> None:
@@ -155,13 +168,18 @@ async def preload(spec: WorkerSpec, sessions: list[Session]) -> int:
 
 
 async def drive(
-    spec: WorkerSpec, session: Session, rng: random.Random, tally: Tally, value: bytes
+    spec: WorkerSpec,
+    session: Session,
+    rng: random.Random,
+    tally: Tally,
+    value: bytes,
+    pair_of: PairOf = local_pair,
 ) -> None:
     first_ns, last_ns = tally.window_ns
     while True:
         started = time.monotonic_ns()
         try:
-            await one_operation(spec.workload, session, rng, spec.keys, value)
+            await one_operation(spec.workload, session, rng, spec.keys, value, pair_of)
         except OPERATION_ERRORS as error:
             if first_ns <= time.monotonic_ns() <= last_ns:
                 tally.count_error(error)
@@ -177,7 +195,9 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def measure(spec: WorkerSpec, sessions: list[Session], tally: Tally) -> float:
+async def measure(
+    spec: WorkerSpec, sessions: list[Session], tally: Tally, pair_of: PairOf = local_pair
+) -> float:
     """Run every task until the window closes; this process's CPU seconds in the window."""
     first_ns, last_ns = tally.window_ns
     value = b"v" * spec.value_bytes
@@ -185,7 +205,7 @@ async def measure(spec: WorkerSpec, sessions: list[Session], tally: Tally) -> fl
     async with trio.open_nursery() as nursery:
         for index, session in enumerate(sessions):
             rng = random.Random(spec.seed * 1_000_003 + index)
-            nursery.start_soon(drive, spec, session, rng, tally, value)
+            nursery.start_soon(drive, spec, session, rng, tally, value, pair_of)
         await trio.sleep(max(0, first_ns - time.monotonic_ns()) / 1e9)
         cpu_at_start = _cpu_s()
         await trio.sleep(max(0, last_ns - time.monotonic_ns()) / 1e9)
@@ -212,7 +232,8 @@ async def run_worker(spec: WorkerSpec, pipe: Connection) -> None:
     async with open_sessions(spec) as sessions:
         share = spec.preload_stop - spec.preload_first
         with trio.move_on_after(preload_timeout_s(share)) as timer:
-            written = await preload(spec, sessions)
+            pair_of = await pair_source(spec, sessions)
+            written = await preload(spec, sessions, pair_of)
         if timer.cancelled_caught:
             raise LoadGeneratorError(
                 f"preloading {share} keys took over {preload_timeout_s(share):.0f} s"
@@ -227,7 +248,7 @@ async def run_worker(spec: WorkerSpec, pipe: Connection) -> None:
         ):
             raise LoadGeneratorError(f"expected go with window_ns, got {order!r}")
         tally = Tally(window_ns=(window[0], window[1]))
-        cpu_s = await measure(spec, sessions, tally)
+        cpu_s = await measure(spec, sessions, tally, pair_of)
     _send(
         pipe,
         {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from keyval.bench.errors import BenchConfigError
 
-WORKLOADS = ("get", "put", "put-memory", "mixed", "txn-local", "scan")
+WORKLOADS = ("get", "put", "put-memory", "mixed", "txn-local", "txn-cross", "scan")
 COMPARISONS = ("redis", "etcd")
 
 # Limits: a bench on one machine never needs more; past them a run would only thrash.

@@ -31,7 +31,7 @@ from keyval.bench.workloads import PRELOADED
 
 # Workloads whose writes keyval acknowledges only once durable; Redis runs them with
 # `appendfsync always`. get reads only; put-memory is the memory ack mode.
-REDIS_DURABLE = ("put", "mixed", "txn-local")
+REDIS_DURABLE = ("put", "mixed", "txn-local", "txn-cross")
 # What the etcd load generator drives: single-key gets and puts (puts are always durable there).
 ETCD_WORKLOADS = ("get", "put", "mixed")
 MEMORY_VALUE_BYTES = 32  # the memory shape: 16-byte keys, 32-byte values

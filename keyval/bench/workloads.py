@@ -10,13 +10,15 @@ import random
 from collections.abc import Iterator
 from typing import Protocol
 
+from keyval.bench.pairs import PairOf, local_pair
+
 # A `mixed` run is 90 % reads, 10 % writes (the issue's "mixed 90/10").
 MIXED_READ_FRACTION = 0.9
 # `scan` reads one group of keys sharing a hash tag (so one slot, one drone) per operation.
 SCAN_GROUP_KEYS = 10
 
-TXN_WORKLOADS = ("txn-local",)
-PRELOADED = ("get", "mixed", "txn-local", "scan")
+TXN_WORKLOADS = ("txn-local", "txn-cross")
+PRELOADED = ("get", "mixed", "txn-local", "txn-cross", "scan")
 
 
 class Session(Protocol):
@@ -37,11 +39,6 @@ def data_key(index: int) -> str:
     return f"key:{index:012d}"
 
 
-def pair_keys(index: int) -> tuple[str, str]:
-    """Two keys with one hash tag: the same slot, so one drone commits them in one step."""
-    return f"{{t{index}}}:a", f"{{t{index}}}:b"
-
-
 def scan_prefix(group: int) -> str:
     return f"{{s{group}}}:"
 
@@ -51,12 +48,13 @@ def scan_groups(keys: int) -> int:
 
 
 def preload_items(
-    workload: str, first: int, stop: int, value: bytes
+    workload: str, first: int, stop: int, value: bytes, pair_of: PairOf = local_pair
 ) -> Iterator[tuple[str, bytes | int]]:
-    """The (key, value) pairs key indexes [first, stop) of this workload start with."""
+    """The (key, value) pairs key indexes [first, stop) of this workload start with;
+    the transaction workloads' pairs come from `pair_of` (keyval.bench.pairs)."""
     for index in range(first, stop):
-        if workload == "txn-local":
-            for key in pair_keys(index):
+        if workload in TXN_WORKLOADS:
+            for key in pair_of(index):
                 yield key, 0
         elif workload == "scan":
             group, member = divmod(index, SCAN_GROUP_KEYS)
@@ -66,7 +64,12 @@ def preload_items(
 
 
 async def one_operation(
-    workload: str, session: Session, rng: random.Random, keys: int, value: bytes
+    workload: str,
+    session: Session,
+    rng: random.Random,
+    keys: int,
+    value: bytes,
+    pair_of: PairOf = local_pair,
 ) -> None:
     if workload == "get":
         await session.get(data_key(rng.randrange(keys)))
@@ -78,8 +81,8 @@ async def one_operation(
             await session.get(key)
         else:
             await session.put(key, value)
-    elif workload == "txn-local":
-        await session.increment_pair(*pair_keys(rng.randrange(keys)))
+    elif workload in TXN_WORKLOADS:
+        await session.increment_pair(*pair_of(rng.randrange(keys)))
     elif workload == "scan":
         await session.scan(scan_prefix(rng.randrange(scan_groups(keys))), SCAN_GROUP_KEYS)
     else:
