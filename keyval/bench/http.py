@@ -132,7 +132,7 @@ def encode_post(host: str, port: int, path: str, body: bytes) -> bytes:
 class HttpConnection:
     """One keep-alive connection; `post` sends a request and returns the 200 response's body."""
 
-    def __init__(self, stream: trio.SocketStream, host: str, port: int, timeout_s: float) -> None:
+    def __init__(self, stream: trio.abc.Stream, host: str, port: int, timeout_s: float) -> None:
         self._stream = stream
         self._host = host
         self._port = port

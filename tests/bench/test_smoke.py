@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 BENCH_TIMEOUT_S = 300  # cluster start-up (up to a minute on a busy machine) plus the runs
 HAVE_REDIS = all(shutil.which(tool) for tool in ("redis-server", "redis-benchmark"))
+HAVE_ETCD = shutil.which("etcd") is not None
 
 
 def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
@@ -45,7 +46,12 @@ def test_mixed_workload_against_a_cluster_and_redis(tmp_path: Path) -> None:
     assert 0 < keyval["p50_ms"] <= keyval["p99_ms"] <= keyval["p999_ms"] <= keyval["max_ms"]
     assert keyval["server_cpu_by_role"]["drone"] > 0
     assert keyval["server_cpu_us_per_op"] > 0
-    assert rows["etcd"]["skipped"]
+    if HAVE_ETCD:
+        etcd = rows["etcd"]
+        assert etcd["ops"] > 0 and etcd["errors"] == {}
+        assert keyval["vs_etcd"] == pytest.approx(keyval["ops_per_s"] / etcd["ops_per_s"])
+    else:
+        assert "install etcd-server" in rows["etcd"]["skipped"]
     if HAVE_REDIS:
         redis = rows["redis"]
         assert redis["ops"] > 0 and redis["errors"] == {} and redis["redis_durable"] is True
