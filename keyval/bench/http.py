@@ -28,7 +28,7 @@ class ResponseReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
         if len(self._buffer) > MAX_HEAD_BYTES + MAX_BODY_BYTES + MAX_CHUNK_LINE_BYTES:
             raise HttpProtocolError("response larger than the client accepts")
