@@ -71,6 +71,9 @@ class SlotTable:
         self._last_epoch: dict[int, int] = {}  # slot -> newest epoch seen, for MOVED detail
         self._owners: dict[int, tuple[str, str]] = {}  # slot -> (owner, address) hints
         self._released: dict[int, int] = {}  # slot -> epoch handed over by a live move
+        # ready_ranges() runs on every heartbeat; over thousands of held slots it cost a few ms
+        # each time on a loaded machine. Recomputed only after a held slot changed.
+        self._ready_cache: list[tuple[int, int, int]] | None = None
 
     # ------------------------------------------------------------ stimuli
 
@@ -99,6 +102,7 @@ class SlotTable:
             return []
         instructions: list[Instruction] = []
         if self.grant is None or grant.ranges != self.grant.ranges:
+            self._ready_cache = None
             instructions = self._diff(grant)
         self.grant = grant
         self.lease_expires_at = max(self.lease_expires_at, sent_at + lease_s)
@@ -131,6 +135,7 @@ class SlotTable:
         if held is None or held.epoch != epoch:
             return False
         held.status = SlotStatus.READY
+        self._ready_cache = None
         return True
 
     def begin_release(self, slot: int) -> int | None:
@@ -139,6 +144,7 @@ class SlotTable:
         if held is None or held.status is not SlotStatus.READY:
             return None
         held.status = SlotStatus.RELEASING
+        self._ready_cache = None
         return held.epoch
 
     def cancel_release(self, slot: int, epoch: int) -> None:
@@ -146,6 +152,7 @@ class SlotTable:
         held = self._held.get(slot)
         if held is not None and held.epoch == epoch and held.status is SlotStatus.RELEASING:
             held.status = SlotStatus.READY
+            self._ready_cache = None
 
     def finish_release(self, slot: int, epoch: int) -> bool:
         """The slot under `epoch` is handed over: never serve it again under that epoch.
@@ -155,6 +162,7 @@ class SlotTable:
         if held is None or held.epoch != epoch:
             return False
         del self._held[slot]
+        self._ready_cache = None
         return True
 
     def note_owner(self, slot: int, owner: str, address: str, epoch: int) -> None:
@@ -216,7 +224,9 @@ class SlotTable:
         return epoch
 
     def ready_ranges(self) -> list[tuple[int, int, int]]:
-        """Loaded slots as (first, last, epoch) ranges, for the heartbeat."""
+        """Loaded slots as (first, last, epoch) ranges, for the heartbeat (a fresh list)."""
+        if self._ready_cache is not None:
+            return list(self._ready_cache)
         ranges: list[tuple[int, int, int]] = []
         for slot in sorted(self._held):
             held = self._held[slot]
@@ -226,7 +236,8 @@ class SlotTable:
                 ranges[-1] = (ranges[-1][0], slot, held.epoch)
             else:
                 ranges.append((slot, slot, held.epoch))
-        return ranges
+        self._ready_cache = ranges
+        return list(ranges)
 
     def held_slots(self) -> list[int]:
         return sorted(self._held)

@@ -117,3 +117,24 @@ def test_a_new_term_granting_the_same_epochs_keeps_the_loaded_slots() -> None:
     assert table.serving_slots(20.1) == [0, 1, 2, 3]
     bumped = table.apply_grant(grant((0, 1, 4), (2, 3, 5), term=3), sent_at=20.2, lease_ms=600)
     assert bumped == [Drop(2), Drop(3), Reseed(2, 5), Reseed(3, 5)]
+
+
+def test_ready_ranges_follow_every_change_of_a_held_slot() -> None:
+    """ready_ranges is cached between heartbeats; every change of a held slot shows at once."""
+    table = SlotTable("drone-1")
+    table.apply_grant(grant((0, 3, 1)), sent_at=0.0, lease_ms=LEASE_MS)
+    assert table.ready_ranges() == []
+    table.mark_loaded(1, 1)
+    table.mark_loaded(2, 1)
+    assert table.ready_ranges() == [(1, 2, 1)]
+    table.ready_ranges().append((9, 9, 9))  # a caller's list is its own
+    assert table.ready_ranges() == [(1, 2, 1)]
+    assert table.begin_release(2) == 1
+    assert table.ready_ranges() == [(1, 1, 1)]
+    table.cancel_release(2, 1)
+    assert table.ready_ranges() == [(1, 2, 1)]
+    table.begin_release(2)
+    assert table.finish_release(2, 1)
+    assert table.ready_ranges() == [(1, 1, 1)]
+    table.apply_grant(grant((1, 1, 2), term=1), sent_at=0.1, lease_ms=LEASE_MS)
+    assert table.ready_ranges() == []
