@@ -56,11 +56,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def local_cluster(root: Path, *, drones: int, backend: str | None) -> Iterator[ClusterHandle]:
-    """`keyval cluster up --dir root --drones N --base-port 0`, until the block ends."""
+def local_cluster(
+    root: Path, *, drones: int, backend: str | None, commanders: int = 1
+) -> Iterator[ClusterHandle]:
+    """`keyval cluster up --dir root --drones N --commanders C --base-port 0`, until the
+    block ends."""
     root.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "keyval", "cluster", "up", "--dir", str(root)]
-    argv += ["--drones", str(drones), "--base-port", "0"]
+    argv += ["--drones", str(drones), "--commanders", str(commanders), "--base-port", "0"]
     if backend:
         argv += ["--backend", backend]
     log = root / "cluster-up.log"

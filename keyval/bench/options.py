@@ -43,6 +43,7 @@ class BenchOptions:
     backend: str | None
     redis_benchmark: bool
     profile: bool
+    failover: bool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sample the first drone with py-spy over the measured window (pip install py-spy)",
     )
+    parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="failover mode: SIGKILL a drone of a 3-drone cluster holding --keys keys, then the "
+        "leader of 3 commanders; report the seconds until everything is served again",
+    )
     return parser
 
 
@@ -129,6 +136,8 @@ def check_options(args: argparse.Namespace) -> BenchOptions:
         _check_range("--memory-keys", args.memory_keys, 1, MAX_KEYS)
         if args.attach is not None:
             raise BenchConfigError("--memory-keys starts its own 1-drone cluster: drop --attach")
+    if args.failover and (args.attach is not None or args.memory_keys is not None):
+        raise BenchConfigError("--failover starts its own clusters: drop --attach/--memory-keys")
     if args.attach is not None and not (args.attach / "nodes.json").is_file():
         raise BenchConfigError(f"--attach {args.attach}: no nodes.json there (is a cluster up?)")
     return BenchOptions(
@@ -150,6 +159,7 @@ def check_options(args: argparse.Namespace) -> BenchOptions:
         backend=args.backend,
         redis_benchmark=not args.no_redis_benchmark,
         profile=args.profile,
+        failover=args.failover,
     )
 
 

@@ -24,6 +24,7 @@ Row = dict[str, Any]
 
 SHAPE_FIELDS = ("system", "workload", "connections", "pipeline", "value_bytes", "keys", "drones")
 MEMORY_SHAPE_FIELDS = ("system", "keys")
+FAILOVER_SHAPE_FIELDS = ("event", "keys")
 SYSTEM_ORDER = ("keyval", "redis", "redis-rss", "redis-benchmark", "etcd")  # within one shape
 ANALYSIS_START = "<!-- analysis:start -->"
 ANALYSIS_END = "<!-- analysis:end -->"
@@ -110,6 +111,22 @@ def memory_cells(row: Row) -> list[str]:
     ]
 
 
+FAILOVER_HEADER = ("event", "keys", "seconds", "client errors", "measured as", "measured")
+
+
+def failover_cells(row: Row) -> list[str]:
+    keys = row.get("keys")
+    seconds = row.get("seconds")
+    return [
+        str(row.get("event")),
+        f"{keys:,}" if isinstance(keys, int) else "-",
+        f"{seconds:.3f}" if isinstance(seconds, (int, float)) else "-",
+        str(row.get("client_errors", "-")),
+        str(row.get("measured_as", "")),
+        str(row.get("measured", "")),
+    ]
+
+
 def text_table(header: tuple[str, ...], rows: list[list[str]]) -> str:
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(header, widths, strict=True))]
@@ -126,7 +143,11 @@ def markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def print_results(throughput: list[Row], memory: list[Row], notes: list[str]) -> None:
+def print_results(
+    throughput: list[Row], memory: list[Row], notes: list[str], failover: list[Row] | None = None
+) -> None:
+    if failover:
+        print(text_table(FAILOVER_HEADER, [failover_cells(row) for row in failover]))
     if throughput:
         print(text_table(THROUGHPUT_HEADER, [throughput_cells(row) for row in throughput]))
     if memory:
@@ -135,8 +156,20 @@ def print_results(throughput: list[Row], memory: list[Row], notes: list[str]) ->
         print(note)
 
 
-def write_json(path: Path, throughput: list[Row], memory: list[Row], notes: list[str]) -> None:
-    document = {"machine": machine(), "throughput": throughput, "memory": memory, "notes": notes}
+def write_json(
+    path: Path,
+    throughput: list[Row],
+    memory: list[Row],
+    notes: list[str],
+    failover: list[Row] | None = None,
+) -> None:
+    document = {
+        "machine": machine(),
+        "throughput": throughput,
+        "memory": memory,
+        "failover": failover or [],
+        "notes": notes,
+    }
     path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
@@ -184,6 +217,9 @@ scripts/bench --workload get --connections 32 --vs redis --markdown   # starts a
 scripts/bench --workload put --connections 64 --vs redis --markdown   # durable puts
 scripts/bench --workload mixed --vs redis --markdown                  # 90 % get, 10 % put
 scripts/bench --workload txn-local --vs redis --markdown              # 2-key read-modify-write
+scripts/bench --workload txn-cross --vs redis --markdown              # 2 keys on 2 drones (2PC)
+scripts/bench --workload put --connections 64 --vs etcd --markdown    # durable puts vs etcd
+scripts/bench --failover --keys 100000 --markdown                     # drone and leader loss
 scripts/bench --memory-keys 1000000 --markdown                        # RSS per key vs Redis
 scripts/bench --attach DIR ...                                        # a cluster already up
 scripts/bench --help
@@ -201,7 +237,24 @@ redis-server) over the measured window, divided by the operations completed in i
 Redis runs `put`, `mixed` and `txn-local` with `appendonly yes` and `appendfsync always`
 (durable, as keyval's default ack is) and `get` and `put-memory` with persistence off;
 `txn-local` is WATCH, MGET, MULTI/SET/SET/EXEC there, on a connection per transaction task.
-`--profile` samples drone-1 with py-spy (`pip install py-spy`) over the measured window.
+`txn-cross` reads and writes two keys owned by two different drones (picked from the slot
+map), so every transaction is a two-phase commit; on Redis it is the same WATCH/MULTI on two
+keys. `--profile` samples drone-1 with py-spy (`pip install py-spy`) over the measured window.
+
+`--vs etcd` starts a single-node etcd (Debian's `etcd-server`, 3.4) on free loopback ports in
+a temporary data dir and drives it with the same load-generator design (trio, the same
+connections, one request at a time per connection) through its v3 JSON gateway
+(`POST /v3/kv/put`, base64 key and value) over the bench's own HTTP/1.1 keep-alive client.
+etcd acknowledges a put once its WAL entry is fsynced (batched across concurrent requests):
+durable, as keyval's default ack. `scripts/bench` installs redis-server and etcd-server with
+`apt-get` when a `--vs` system is missing and it runs as root
+(`scripts/install-bench-deps`); otherwise it prints `skipped: ... (install ...)` and the
+comparison row says so.
+
+`--failover` measures as tests/e2e/test_failover.py and test_election.py do: drone loss is
+SIGKILL of drone-2 of 3 (holding `--keys` keys, 8 writers running) until a fresh client sees
+a map without it and has read a key of every slot it held; leader loss is SIGKILL of the
+leading commander of 3 until a newer term's map is served.
 
 Columns: `vs redis` is keyval's ops/s over Redis's measured in the same run with the same load
 generator; `redis-benchmark` rows are Redis's own C client for the same shape (the upper
@@ -247,11 +300,18 @@ def _merge(old: list[Row], new: list[Row], fields: tuple[str, ...]) -> list[Row]
     return sorted(merged + new, key=order)
 
 
-def update_markdown(path: Path, throughput: list[Row], memory: list[Row]) -> None:
+def update_markdown(
+    path: Path, throughput: list[Row], memory: list[Row], failover: list[Row] | None = None
+) -> None:
     data, analysis = _load_document(path)
     measured = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     throughput = [{**row, "measured": measured} for row in throughput]
     memory = [{**row, "measured": measured} for row in memory]
+    failover = [{**row, "measured": measured} for row in failover or []]
+    old_failover = data.get("failover")
+    if not isinstance(old_failover, list):
+        old_failover = []
+    data["failover"] = _merge(old_failover, failover, FAILOVER_SHAPE_FIELDS)
     data["throughput"] = _merge(data["throughput"], throughput, SHAPE_FIELDS)
     data["memory"] = _merge(data["memory"], memory, MEMORY_SHAPE_FIELDS)
     data["machine"] = machine()
@@ -285,6 +345,9 @@ def render_markdown(data: dict[str, Any], analysis: str) -> str:
     parts += ["", "## Memory", ""]
     rows = [memory_cells(row) for row in data["memory"]]
     parts.append(markdown_table(MEMORY_HEADER, rows) if rows else "(no runs yet)")
+    parts += ["", "## Failover", ""]
+    rows = [failover_cells(row) for row in data.get("failover", [])]
+    parts.append(markdown_table(FAILOVER_HEADER, rows) if rows else "(no runs yet)")
     parts += ["", "## Where the time goes", ""]
     for row in data["throughput"]:
         if isinstance(row.get("drone_profile"), list):

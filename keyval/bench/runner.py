@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from keyval.bench.cluster import ClusterHandle, attach, local_cluster
 from keyval.bench.errors import BenchError
 from keyval.bench.etcdserver import EtcdMissing, running_etcd
+from keyval.bench.failover import drone_failover, leader_failover
 from keyval.bench.fanout import LoadResult, run_load, worker_specs
 from keyval.bench.options import BenchOptions
 from keyval.bench.proc import ServerProcess, cpu_delta_by_role, cpu_snapshot, rss_bytes
@@ -51,6 +54,7 @@ class Outcome:
     throughput: list[Row] = field(default_factory=list)
     memory: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    failover: list[Row] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -301,6 +305,30 @@ def settled_rss_bytes(pid: int) -> int:
             return current
         previous = current
     return previous
+
+
+# ------------------------------------------------------------------ failover mode
+
+FAILOVER_DRONES = 3  # the issue's shape: one of three drones is lost
+FAILOVER_COMMANDERS = 3  # a leader among three commanders is lost
+
+
+def run_failover(options: BenchOptions) -> Outcome:
+    """Drone loss on a 3-drone cluster with --keys keys, then leader loss among 3 commanders."""
+    outcome = Outcome()
+    with work_folder(options) as folder:
+        with local_cluster(
+            folder / "cluster-drone-loss", drones=FAILOVER_DRONES, backend=options.backend
+        ) as handle:
+            outcome.failover.append(trio.run(drone_failover, handle, options.keys))
+        with local_cluster(
+            folder / "cluster-leader-loss",
+            drones=FAILOVER_DRONES,
+            backend=options.backend,
+            commanders=FAILOVER_COMMANDERS,
+        ) as handle:
+            outcome.failover.append(trio.run(leader_failover, handle))
+    return outcome
 
 
 # ------------------------------------------------------------------ memory mode
