@@ -65,6 +65,18 @@ SAVE_RETRY_S = 0.1
 START_TIMEOUT_S = 30.0
 START_RETRY_S = 0.2
 
+# A tick this much later than planned (FAILURE_CHECK_MS) means this process itself did not run:
+# a loaded machine (the CPU went to other processes), a GC pause, SIGSTOP. Heartbeats that came
+# meanwhile wait unread in the sockets, and a failure check right away would blame the drones
+# for our stall. Measured on the 2-core machine next to CPU hogs: stalls of 300-700 ms declared
+# all drones failed at once (docs/design.md, "Under CPU load").
+STALL_GAP_MS = 100
+
+# After such a stall, failures are not declared for this long: a heartbeat period and a half,
+# so every live drone's queued or next heartbeat is read first. Declaring a failure later than
+# the lease allows is always safe (the drone stopped serving by itself); only sooner is not.
+STALL_GRACE_MS = 150
+
 # A live move's long polls (AwaitGrant, Released) are answered after at most this long even if
 # the move is not done: well under the drones' request timeout, so a poll never looks lost.
 MOVE_POLL_MAX_S = 1.0
@@ -267,12 +279,15 @@ class Commander:
 
     async def run_ticker(self) -> None:
         """Feed time to the state machine; run saves one at a time. Raises Fenced if deposed."""
+        guard = StallGuard(self.now())
         while True:
             with trio.move_on_after(FAILURE_CHECK_MS / 1000):
                 await self._wake.wait()
             self._wake = trio.Event()
             resuming = self.state.phase is Phase.RESUMING
-            instructions = self.state.tick(self.now())
+            now = self.now()
+            detect = guard.may_detect(now)
+            instructions = self.state.tick(now, detect_failures=detect)
             if resuming and self.state.phase is not Phase.RESUMING:
                 logger.info(
                     "term %d resumed the persisted map: %d slots kept their epoch (owner still "
@@ -287,6 +302,7 @@ class Commander:
                     self._signal_map_change()
                 elif isinstance(instruction, SaveMap):
                     await self._save(instruction)
+            guard.ran(self.now())
 
     async def _save(self, save: SaveMap) -> None:
         try:
@@ -302,6 +318,33 @@ class Commander:
         self.state.map_saved(save.version, self.now())
         self._signal_map_change()
         logger.info("map version %d saved (%d ranges)", save.version, len(save.ranges))
+
+
+class StallGuard:
+    """Tells the ticker whether failures may be declared now: not within STALL_GRACE_MS of a
+    tick that came more than STALL_GAP_MS late (this process was not running)."""
+
+    def __init__(self, now: float) -> None:
+        self._last_s = now
+        self._quiet_until_s = now
+        self.stalls = 0
+
+    def may_detect(self, now: float) -> bool:
+        planned_s = self._last_s + FAILURE_CHECK_MS / 1000
+        if now - planned_s > STALL_GAP_MS / 1000:
+            self.stalls += 1
+            self._quiet_until_s = max(self._quiet_until_s, now + STALL_GRACE_MS / 1000)
+            logger.info(
+                "event loop stalled for %.0f ms: no failure declared for %d ms",
+                (now - planned_s) * 1000,
+                STALL_GRACE_MS,
+            )
+        return now >= self._quiet_until_s
+
+    def ran(self, now: float) -> None:
+        """The tick's work (a map save included) ended at `now`: the next tick is due
+        FAILURE_CHECK_MS after it."""
+        self._last_s = now
 
 
 def _require_drone(peer: PeerInfo, drone: str) -> None:

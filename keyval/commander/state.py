@@ -398,11 +398,14 @@ class CommanderState:
 
     # ------------------------------------------------------------ time and the db
 
-    def tick(self, now: float) -> list[Instruction]:
-        """Detect failures, plan the map, and ask for a save when the map changed."""
+    def tick(self, now: float, *, detect_failures: bool = True) -> list[Instruction]:
+        """Detect failures, plan the map, and ask for a save when the map changed.
+
+        `detect_failures=False`: the caller's own loop was just stalled, so heartbeats may sit
+        unread; nobody is declared failed this tick (later is always safe: see the module)."""
         instructions: list[Instruction] = []
         for record in list(self.drones.values()):
-            if now >= record.last_heartbeat_at + self.expiry_s:
+            if detect_failures and now >= record.last_heartbeat_at + self.expiry_s:
                 del self.drones[record.name]
                 self._orphans_possible = True
                 instructions.append(DroneFailed(record.name, record.incarnation))
