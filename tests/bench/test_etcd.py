@@ -1,5 +1,6 @@
-"""The etcd comparison's parts: the HTTP/1.1 response reader and connection, the gateway
-bodies, cross-drone key pairs, and (when etcd is installed) a real single-node etcd."""
+"""The etcd comparison's and failover mode's parts: the HTTP/1.1 response reader and
+connection, the gateway bodies, cross-drone key pairs, failover rows, and (when etcd is
+installed) a real single-node etcd."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import trio
 import trio.testing
 
 from keyval.bench.errors import (
+    BenchConfigError,
     BenchError,
     ConnectionLost,
     HttpProtocolError,
@@ -20,6 +22,7 @@ from keyval.bench.errors import (
     LoadGeneratorError,
 )
 from keyval.bench.etcdserver import put_body, range_body, running_etcd
+from keyval.bench.failover import probe_keys
 from keyval.bench.http import (
     MAX_BODY_BYTES,
     MAX_HEAD_BYTES,
@@ -30,8 +33,10 @@ from keyval.bench.http import (
 )
 from keyval.bench.options import parse_options
 from keyval.bench.pairs import cross_pairs_from_owners, local_pair, plain_cross_pair
+from keyval.bench.report import failover_cells, update_markdown
 from keyval.bench.runner import etcd_skip_reason
 from keyval.bench.sessions import EtcdSession
+from keyval.keys import key_slot
 
 OK = b'{"header":{"revision":"2"}}'
 FIXED = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(OK), OK)
@@ -204,3 +209,30 @@ async def test_real_etcd_put_and_get(tmp_path: Path) -> None:
             assert base64.b64decode(reply["kvs"][0]["value"]) == b"v" * 32
             with pytest.raises(HttpStatusError):
                 await connection.post("/v3/kv/put", b"not json")
+
+
+# ------------------------------------------------------------------ failover rows
+
+
+def test_failover_rows_are_rendered_and_replaced_by_event(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    drone = {"event": "drone loss", "keys": 10_000, "seconds": 2.5, "client_errors": 0}
+    leader = {"event": "leader loss", "keys": None, "seconds": 0.75, "client_errors": 1}
+    update_markdown(path, [], [], [drone, leader])
+    update_markdown(path, [], [], [{**drone, "seconds": 1.25}])
+    text = path.read_text()
+    assert "## Failover" in text
+    assert "| drone loss | 10,000 | 1.250 | 0 |" in text and "2.500" not in text
+    assert "| leader loss | - | 0.750 | 1 |" in text
+    assert failover_cells({"event": "x"})[:3] == ["x", "-", "-"]
+
+
+@pytest.mark.parametrize("extra", [["--attach", "."], ["--memory-keys", "10"]])
+def test_failover_mode_refuses_other_modes(extra: list[str]) -> None:
+    with pytest.raises(BenchConfigError, match="--failover"):
+        parse_options(["--failover", *extra])
+
+
+def test_probe_keys_cover_each_slot_once() -> None:
+    probes = probe_keys({0, 5, 16383})
+    assert sorted(key_slot(key) for key in probes) == [0, 5, 16383]
