@@ -198,6 +198,33 @@ def _redis_version() -> str:
     return found.group(1) if found else finished.stdout.strip()
 
 
+def _etcd_version() -> str:
+    executable = shutil.which("etcd")
+    if executable is None:
+        return "not installed"
+    finished = subprocess.run(
+        [executable, "--version"], capture_output=True, text=True, timeout=10, check=False
+    )
+    found = re.search(r"etcd Version: (\S+)", finished.stdout)
+    return found.group(1) if found else "unknown"
+
+
+def _commit() -> str:
+    """The keyval commit measured (the servers move while others work on them)."""
+    try:
+        finished = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except OSError:
+        return "unknown"
+    return finished.stdout.strip() or "unknown"
+
+
 def machine() -> dict[str, Any]:
     return {
         "nproc": os.cpu_count(),
@@ -206,6 +233,8 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "redis": _redis_version(),
+        "etcd": _etcd_version(),
+        "commit": _commit(),
     }
 
 
@@ -305,9 +334,10 @@ def update_markdown(
 ) -> None:
     data, analysis = _load_document(path)
     measured = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-    throughput = [{**row, "measured": measured} for row in throughput]
-    memory = [{**row, "measured": measured} for row in memory]
-    failover = [{**row, "measured": measured} for row in failover or []]
+    commit = _commit()
+    throughput = [{**row, "measured": measured, "commit": commit} for row in throughput]
+    memory = [{**row, "measured": measured, "commit": commit} for row in memory]
+    failover = [{**row, "measured": measured, "commit": commit} for row in failover or []]
     old_failover = data.get("failover")
     if not isinstance(old_failover, list):
         old_failover = []
@@ -334,7 +364,10 @@ def render_markdown(data: dict[str, Any], analysis: str) -> str:
         "",
         f"- nproc: {info.get('nproc')}; CPU: {info.get('cpu_model')}; "
         f"memory: {info.get('memory_gib')} GiB",
-        f"- kernel {info.get('kernel')}; Python {info.get('python')}; Redis {info.get('redis')}",
+        f"- kernel {info.get('kernel')}; Python {info.get('python')}; Redis {info.get('redis')}; "
+        f"etcd {info.get('etcd')}",
+        f"- keyval commit of the last run: {info.get('commit')} (each row's JSON below names "
+        "the commit it measured; rows without one predate this)",
         f"- last updated: {data.get('updated', '')}",
         "",
         "## Throughput and latency",
