@@ -12,10 +12,15 @@ role to another waiter when its own reply has come (so exactly one task reads at
 Server: `await serve("host:port", auth_factory, handler, task_status=...)` or
 `await serve_stream(stream, auth, handler)`. Each request runs `await handler(peer, msg)`
 concurrently, up to `MAX_INFLIGHT_PER_CONNECTION`; past that the server stops reading (the
-peer's TCP window fills: back-pressure).
+peer's TCP window fills: back-pressure). A handler that also has
+`handle_nowait(peer, msg) -> Message | None` (see `InlineHandler`) answers what it can
+without waiting right in the reading task, with no task spawned; None sends the request down
+the concurrent path.
 
-Writes are coalesced: frames sealed while a write is under way (or in the same scheduling
-pass) leave in one `send_all`.
+Writes are coalesced: the reading task decodes every complete frame of what it received,
+answers the inline ones, and sends all of their replies in one `send_all` before it reads
+again; frames sealed while a write is under way (or in the same scheduling pass) leave
+together too.
 
 Transport: `open_connection` and `serve` reach the network through the `Transport` in the
 context variable `TRANSPORT` (TCP by default). A simulation sets it, per simulated node, to an
@@ -94,6 +99,19 @@ MAX_CONNECTIONS = 1024
 RECEIVE_CHUNK_BYTES = 64 * 1024
 
 Handler = Callable[[PeerInfo, Message], Awaitable[Message]]
+
+
+class InlineHandler(Protocol):
+    """A handler with a synchronous fast path, tried first for every request."""
+
+    async def __call__(self, peer: PeerInfo, msg: Message) -> Message: ...
+
+    def handle_nowait(self, peer: PeerInfo, msg: Message) -> Message | None:
+        """The reply if it can be given without waiting, else None (then `__call__` runs).
+        Raises like `__call__` (a `ServiceError` becomes the `Error` reply)."""
+        ...
+
+
 Revoked = Callable[[PeerInfo], bool]
 Clock = Callable[[], float]
 
@@ -168,14 +186,21 @@ class _Link:
             self._outbox.append(frame)
             self.frames_sent += 1
 
-    async def flush(self) -> None:
+    @property
+    def has_queued(self) -> bool:
+        return bool(self._outbox)
+
+    async def flush(self, *, join: bool = True) -> None:
         """Write everything queued. Returns at once if another task is writing: that task
-        keeps writing until the queue is empty, our frames included."""
+        keeps writing until the queue is empty, our frames included. `join` first lets the
+        frames other tasks seal in this scheduling pass join the write; a caller that has
+        just queued a whole turn's worth itself passes False."""
         if self._flushing:
             return
         self._flushing = True
         try:
-            await trio.lowlevel.cancel_shielded_checkpoint()  # let same-moment frames join
+            if join:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             while self._outbox:
                 if self.broken is not None:
                     raise Unavailable(self.broken)
@@ -186,8 +211,10 @@ class _Link:
             self._flushing = False
 
     async def _write(self, data: bytes) -> None:
-        # A write cut short would leave half a frame on the wire: never cancel one midway.
-        with trio.CancelScope(shield=True), trio.move_on_after(WRITE_TIMEOUT_S) as scope:
+        # A write cut short would leave half a frame on the wire: never cancel one midway. One
+        # scope does both: the shield keeps outer cancels out, its own deadline still applies.
+        deadline = trio.current_time() + WRITE_TIMEOUT_S
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
             try:
                 await self.stream.send_all(data)
                 self.writes += 1
@@ -487,6 +514,9 @@ class _ServerConnection:
         self.inflight = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
         self.connection_id = observe_context.next_connection_id()
         self.metrics = current_metrics()  # the serving daemon's
+        self.handle_nowait: Callable[[PeerInfo, Message], Message | None] | None = getattr(
+            handler, "handle_nowait", None
+        )
 
     async def run(self) -> str:
         """Serve requests until the peer leaves or fails; returns why the connection ended."""
@@ -517,30 +547,64 @@ class _ServerConnection:
         return reason
 
     async def _read_requests(self, nursery: trio.Nursery) -> str:
+        """Decode every complete frame received; answer what can be answered inline, spawn a
+        task for the rest; send the inline replies in one write before reading again."""
+        link = self.link
+        channel = link.channel
+        handle_nowait = self.handle_nowait
         while True:
-            event = self.link.channel.next_event()
+            event = channel.next_event()
             if event is NEED_DATA:
-                await self.link.receive()
+                if link.has_queued:
+                    await link.flush(join=False)
+                await link.receive()
                 continue
-            if isinstance(event, Closed):
-                return f"peer closed: {event.reason}"
-            if not isinstance(event, Payload):
+            if type(event) is not Payload:
+                if isinstance(event, Closed):
+                    return f"peer closed: {event.reason}"
                 raise RemoteProtocolError(f"unexpected {type(event).__name__}")
             request = self._decode(event.data)
             if request is None:
-                await self.link.flush()
-                continue
+                continue  # answered with BAD_REQUEST; the reply leaves with this turn's
             rid, msg = request
             refusal = self._refusal()
             if refusal is not None:
                 self.metrics.request_done(msg.TYPE, ErrorCode.UNAUTHORIZED.value, 0.0)
                 await self._end_with(rid, Unauthorized(refusal))
                 return refusal
+            if handle_nowait is not None and self._answer_inline(handle_nowait, rid, msg):
+                continue
             try:  # no checkpoint when a slot is free, so a burst of requests starts together
                 self.inflight.acquire_nowait()
             except trio.WouldBlock:
+                await link.flush(join=False)  # what we answered inline goes out meanwhile
                 await self.inflight.acquire()  # back-pressure: read no more until a slot frees
             nursery.start_soon(self._handle, rid, msg, nursery)
+
+    def _answer_inline(
+        self, handle_nowait: Callable[[PeerInfo, Message], Message | None], rid: int, msg: Message
+    ) -> bool:
+        """Try the handler's synchronous path; True when `msg` has been answered (queued)."""
+        observe_context.set_request(observe_context.request_id(self.connection_id, rid))
+        started = trio.current_time()
+        try:
+            reply = handle_nowait(self.peer, msg)
+        except CloseConnection:
+            return False  # the concurrent path answers and closes, as for any handler
+        except ServiceError as error:
+            reply = Error(error.code.value, error.message, error.detail)
+        except Exception:
+            logger.exception("handler failed on %s from %s", msg.TYPE, self.peer.name)
+            reply = Error(ErrorCode.INTERNAL.value, "internal error", {})
+        if reply is None:
+            return False
+        if not isinstance(reply, Message):
+            logger.error("handler returned %r for %s, not a Message", type(reply), msg.TYPE)
+            reply = Error(ErrorCode.INTERNAL.value, "internal error", {})
+        self._queue_reply(rid, reply)
+        code = reply.code if type(reply) is Error else None
+        self.metrics.request_done(msg.TYPE, code, trio.current_time() - started)
+        return True
 
     def _decode(self, data: bytes) -> tuple[int, Message] | None:
         """The request, or None when it was answered with BAD_REQUEST at once."""
@@ -612,6 +676,10 @@ class _ServerConnection:
         return reply
 
     async def _send_reply(self, rid: int, reply: Message) -> None:
+        self._queue_reply(rid, reply)
+        await self.link.flush()
+
+    def _queue_reply(self, rid: int, reply: Message) -> None:
         channel = self.link.channel
         try:
             payload = encode_message(rid, reply)
@@ -624,7 +692,6 @@ class _ServerConnection:
         if not channel.can_send:
             return  # the connection is closing; nobody will read this
         self.link.queue(channel.send(payload))
-        await self.link.flush()
 
 
 def _request_id_of(data: bytes) -> int | None:
@@ -719,6 +786,7 @@ __all__ = [
     "TRANSPORT",
     "CloseConnection",
     "Connection",
+    "InlineHandler",
     "TcpTransport",
     "Transport",
     "current_transport",

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from auth.roles import require_role
-from keyval.drone.reads import handle_get, handle_get_many, handle_scan
+from keyval.drone.reads import get_nowait, handle_get, handle_get_many, handle_scan
 from keyval.drone.state import DroneState
 from keyval.drone.twopc import handle_txn_abort, handle_txn_prepare
 from keyval.drone.writes import handle_cas, handle_delete, handle_put, handle_txn_commit
@@ -48,6 +48,15 @@ class DroneHandler:
 
     def __init__(self, state: DroneState) -> None:
         self.state = state
+
+    def handle_nowait(self, peer: PeerInfo, msg: Message) -> Message | None:
+        """The reply when it needs no waiting (keyval.net answers it inline), else None."""
+        if isinstance(msg, Get):
+            require_role(peer, *KV_ROLES, action=msg.TYPE)
+            return get_nowait(self.state, peer, msg)
+        if isinstance(msg, Ping):
+            return Ok()
+        return None
 
     async def __call__(self, peer: PeerInfo, msg: Message) -> Message:
         if isinstance(msg, Ping):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from keyval.drone.slots import SlotStatus
 from keyval.drone.state import DroneState, check_permission
 from keyval.keys import Key, canonical_key, check_key, key_from_canonical, key_slot
 from keyval.messages import Get, GetMany, Scan, ScanPage, ValueReply, ValuesReply
@@ -33,6 +34,22 @@ async def handle_get(state: DroneState, peer: PeerInfo, msg: Get) -> ValueReply:
     check_permission(peer, msg.key)
     slot = key_slot(msg.key)
     await state.wait_serving(slot)
+    return _lookup(state, slot, data)
+
+
+def get_nowait(state: DroneState, peer: PeerInfo, msg: Get) -> ValueReply | None:
+    """`handle_get` without waiting: None when the slot is still loading (the caller then
+    awaits `handle_get`). Same checks, same errors, same answer."""
+    data = check_key(msg.key, state.limits.max_key_bytes)
+    check_permission(peer, msg.key)
+    slot = key_slot(msg.key)
+    if state.table.status_of(slot) is SlotStatus.LOADING:
+        return None
+    state.table.check_serving(slot, state.now())
+    return _lookup(state, slot, data)
+
+
+def _lookup(state: DroneState, slot: int, data: bytes) -> ValueReply:
     entry = state.store.get(slot, data)
     if entry is None:
         return ValueReply(found=False)

@@ -60,6 +60,8 @@ class NodeMetrics:
         self.role = role
         self.registry = CollectorRegistry(auto_describe=True)
         self.address: str | None = None  # where the HTTP endpoint is bound, if served
+        # op -> (requests child, request_seconds child); message types are a fixed set
+        self._request_children: dict[str, tuple[Counter, Histogram]] = {}
         if process:  # CPU, memory, file descriptors of this process (Linux /proc)
             ProcessCollector(registry=self.registry)
         info = Info("keyval_node", "this daemon's node name and role", registry=self.registry)
@@ -145,8 +147,12 @@ class NodeMetrics:
 
     def request_done(self, op: str, code: str | None, elapsed_s: float) -> None:
         """Count one served request of type `op`, answered with error `code` (None: ok)."""
-        self.requests.labels(op).inc()
-        self.request_seconds.labels(op).observe(elapsed_s)
+        children = self._request_children.get(op)
+        if children is None:  # labels() hashes and locks on every call: once per op type
+            children = (self.requests.labels(op), self.request_seconds.labels(op))
+            self._request_children[op] = children
+        children[0].inc()
+        children[1].observe(elapsed_s)
         if code is not None:
             self.request_errors.labels(op, code).inc()
 
