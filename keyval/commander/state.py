@@ -46,6 +46,7 @@ MIGRATION_TIMEOUT_S.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
 from dataclasses import dataclass, field
@@ -324,7 +325,12 @@ class CommanderState:
         if self._grant_cache is None:
             self._grant_cache = self.saved.grant_ranges()
         ranges = self._grant_cache.get(drone, [])
-        blocked = {slot for slot, until in self._blocked_until.items() if until > now}
+        owners = self.saved.owners
+        blocked = {
+            slot
+            for slot, until in self._blocked_until.items()
+            if until > now and owners[slot] == drone
+        }
         granted = without_slots(ranges, blocked)
         self._check_grant_safe(drone, granted, now)
         return granted
@@ -337,8 +343,10 @@ class CommanderState:
             for slot in (first, last):
                 if self.saved.owners[slot] != drone or self.saved.epochs[slot] != epoch:
                     raise RuntimeError(f"invariant: grant of slot {slot} disagrees with saved map")
+        firsts = [first for first, _, _ in granted]
         for slot, until in self._blocked_until.items():
-            if until > now and any(first <= slot <= last for first, last, _ in granted):
+            index = bisect.bisect_right(firsts, slot) - 1  # the range that could hold `slot`
+            if until > now and index >= 0 and slot <= granted[index][1]:
                 raise RuntimeError(f"invariant: slot {slot} granted before the old lease ended")
 
     # ------------------------------------------------------------ operator events

@@ -47,6 +47,10 @@ REGISTER_RETRY_MS = 100
 # A register or get_map request: the commander answers from memory.
 COMMANDER_TIMEOUT_MS = 2000
 
+# The load numbers (key count over every held slot, ...) cost a few ms on a loaded machine; the
+# commander uses them for placement and status only, so once a second is fresh enough.
+LOAD_REPORT_MS = 1000
+
 # A ballot is answered from memory; a commander slower than this (paused, partitioned) is
 # asked again next period. Several ballot periods, well under the leader timeout.
 BALLOT_TIMEOUT_MS = 150
@@ -80,6 +84,8 @@ class Heartbeater:
         self.map_version = 0
         self.heartbeats_sent = 0
         self._refreshing = False
+        self._load: dict[str, int] = {}
+        self._load_at = float("-inf")
         self.migrator = Migrator(state, reseeder, self)
 
     @property
@@ -208,7 +214,7 @@ class Heartbeater:
         request = Heartbeat(
             drone=self.state.name,
             incarnation=self.incarnation,
-            load=self.state.load(),
+            load=self._current_load(),
             ready=self.state.table.ready_ranges(),
             ack_ms=self.voter.ack_for(self.voter.leader),
         )
@@ -220,6 +226,12 @@ class Heartbeater:
         self.voter.on_heartbeat_reply(self.voter.leader, reply.sent_ms)
         self.take_reply(reply, sent_at, nursery)
         observe.current_metrics().lease_renewals.inc()
+
+    def _current_load(self) -> dict[str, int]:
+        now = self.state.now()
+        if now - self._load_at >= LOAD_REPORT_MS / 1000:
+            self._load, self._load_at = self.state.load(), now
+        return self._load
 
     def take_reply(self, reply: HeartbeatReply, sent_at: float, nursery: trio.Nursery) -> None:
         """Apply a grant (from a heartbeat or a live move's long poll) sent at `sent_at`."""
