@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -97,6 +98,10 @@ MAX_CONNECTIONS = 1024
 
 # Bytes asked of the stream per read: many small frames or one chunk of a large one.
 RECEIVE_CHUNK_BYTES = 64 * 1024
+
+# Reads served straight from a ready TCP socket (no scheduler turn) before one full
+# checkpoint, so a peer that keeps its socket full cannot starve the other tasks.
+DIRECT_READS_PER_CHECKPOINT = 16
 
 Handler = Callable[[PeerInfo, Message], Awaitable[Message]]
 
@@ -169,12 +174,64 @@ def current_transport() -> Transport:
     return _TCP if transport is None else transport
 
 
+class _DirectSocket:
+    """The non-blocking TCP socket under a `trio.SocketStream`, used without trio's wrappers.
+
+    trio's `send` and `recv` each take a full scheduler turn even when the kernel could
+    answer at once; on a server answering thousands of small requests a second, those turns
+    (and the epoll polls each loop pass makes) were most of a drone's CPU. Here a read or a
+    write the kernel can do now is one system call; only one that would block waits through
+    trio (`wait_readable` / `wait_writable`). `keyval.net` keeps one reader and one writer
+    per link, which is what trio's own conflict detection would enforce."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.direct_reads = 0
+
+    def fileno(self) -> int:
+        fd = self.sock.fileno()  # -1 once closed: never touch a number reused by another
+        if fd < 0:
+            raise trio.ClosedResourceError("socket closed")
+        return fd
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(self.fileno(), max_bytes)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(self.sock)
+            return os.read(self.fileno(), max_bytes)
+        self.direct_reads += 1
+        if self.direct_reads % DIRECT_READS_PER_CHECKPOINT == 0:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    def send_nowait(self, data: memoryview) -> int:
+        """Bytes of `data` the kernel took now (0 when the socket buffer is full)."""
+        try:
+            return os.write(self.fileno(), data)
+        except BlockingIOError:
+            return 0
+
+    async def send_all(self, data: memoryview) -> None:
+        while data:
+            await trio.lowlevel.wait_writable(self.sock)
+            data = data[self.send_nowait(data) :]
+
+
+def _direct_socket(stream: trio.abc.Stream) -> _DirectSocket | None:
+    if type(stream) is trio.SocketStream:
+        return _DirectSocket(stream.socket)
+    return None
+
+
 class _Link:
     """A stream and its channel: reading into the channel, coalesced writing."""
 
     def __init__(self, stream: trio.abc.Stream, channel: ClientChannel | ServerChannel) -> None:
         self.stream = stream
         self.channel = channel
+        self.direct = _direct_socket(stream)
         self.broken: str | None = None
         self._outbox: list[bytes] = []
         self._flushing = False
@@ -211,12 +268,24 @@ class _Link:
             self._flushing = False
 
     async def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        if self.direct is not None:  # most writes fit the socket buffer: no scope, no await
+            try:
+                view = view[self.direct.send_nowait(view) :]
+            except (trio.ClosedResourceError, OSError) as error:
+                raise self.fail(f"connection lost while writing: {error or type(error)}") from None
+            if not view:
+                self.writes += 1
+                return
         # A write cut short would leave half a frame on the wire: never cancel one midway. One
         # scope does both: the shield keeps outer cancels out, its own deadline still applies.
         deadline = trio.current_time() + WRITE_TIMEOUT_S
         with trio.CancelScope(shield=True, deadline=deadline) as scope:
             try:
-                await self.stream.send_all(data)
+                if self.direct is not None:
+                    await self.direct.send_all(view)
+                else:
+                    await self.stream.send_all(view)
                 self.writes += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
                 raise self.fail(f"connection lost while writing: {error or type(error)}") from None
@@ -228,7 +297,11 @@ class _Link:
         if self.broken is not None:
             raise Unavailable(self.broken)
         try:
-            data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+            data: bytes | bytearray
+            if self.direct is not None:
+                data = await self.direct.receive_some(RECEIVE_CHUNK_BYTES)
+            else:
+                data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             raise self.fail(f"connection lost while reading: {error or type(error)}") from None
         self.channel.receive_data(data)

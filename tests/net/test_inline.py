@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from keyval.net import CloseConnection, Connection, serve_stream
+from keyval.net import CloseConnection, Connection, open_connection, serve, serve_stream
 from tests.net.test_net import Echo, Fail, client_auth, server_auth
 from wire.channel import PeerInfo
 from wire.errors import Forbidden, Internal, NotFound, Unavailable
@@ -149,3 +149,27 @@ async def test_inline_close_goes_through_the_concurrent_path(
         with pytest.raises(Unavailable):
             await conn.request(Ping())
     assert app.awaited == 1
+
+
+async def test_large_replies_over_tcp_survive_partial_writes() -> None:
+    """Replies bigger than the socket buffer take the direct path's wait-then-write loop."""
+    app = InlineApp()
+    big = bytes(range(256)) * 2000  # 512 KB: several socket buffers' worth in flight
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(
+            lambda task_status: serve("127.0.0.1:0", server_auth, app, task_status=task_status)
+        )
+        conn = await open_connection(address, client_auth())
+        results: list[Message] = []
+
+        async def one() -> None:
+            results.append(await conn.request(Echo(big), timeout=20))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as requests:
+                for _ in range(8):
+                    requests.start_soon(one)
+        await conn.aclose()
+        nursery.cancel_scope.cancel()
+    assert results == [Echo(big)] * 8
+    assert app.inline == 8
