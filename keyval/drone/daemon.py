@@ -22,10 +22,12 @@ from keyval.drone.heartbeat import Heartbeater
 from keyval.drone.links import Dialer, ServiceLink
 from keyval.drone.reseed import Reseeder
 from keyval.drone.state import DroneState, Limits
+from keyval.drone.twopc import IN_DOUBT_RETRY_AFTER_MS, participant
 from keyval.drone.vote import VoteFile
 from keyval.keys import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from keyval.nodeconfig import ConfigError, NodeOptions, split_address, write_ready_file
 from wire.channel import PeerInfo, ServerAuth
+from wire.errors import ServiceError
 
 log = logging.getLogger("keyval.drone")
 
@@ -167,6 +169,18 @@ class Drone:
             vote_file=vote_file,
         )
         nursery.start_soon(self.heartbeater.run, nursery)
+        nursery.start_soon(self._recover_in_doubt)
+
+    async def _recover_in_doubt(self) -> None:
+        """Keep asking the db about transactions left in doubt (voted, no decision heard, the db
+        unreachable past recovery's bound), so their keys unlock once the db is back."""
+        recovering = participant(self.state)
+        while True:
+            await trio.sleep(IN_DOUBT_RETRY_AFTER_MS / 1000)
+            try:
+                await recovering.resolve_in_doubt()
+            except ServiceError as error:  # still in doubt: the db is away; try again later
+                log.info("2PC recovery: %s", error.message)
 
     async def aclose(self) -> None:
         await self.db.aclose()

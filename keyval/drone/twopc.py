@@ -58,7 +58,15 @@ from keyval.messages import (
     TxnPrepare,
 )
 from wire.channel import PeerInfo
-from wire.errors import BadRequest, Conflict, Internal, ServiceError, TooLarge, Unavailable
+from wire.errors import (
+    BadRequest,
+    Conflict,
+    Internal,
+    ServiceError,
+    Timeout,
+    TooLarge,
+    Unavailable,
+)
 from wire.messages import Message
 
 if TYPE_CHECKING:
@@ -285,8 +293,13 @@ class Participant:
     async def _ask_db(self, txid: bytes) -> str:
         """db.decide(abort): the decision that stands afterwards."""
         timeout_s = DECIDE_TIMEOUT_MS / 1000
-        with trio.fail_after(timeout_s):
-            reply = await self.state.db.request(DbDecide(txid, DECISION_ABORT), timeout=timeout_s)
+        try:
+            with trio.fail_after(timeout_s):
+                reply = await self.state.db.request(
+                    DbDecide(txid, DECISION_ABORT), timeout=timeout_s
+                )
+        except trio.TooSlowError:
+            raise Timeout(f"no answer to db.decide within {timeout_s} s") from None
         if not isinstance(reply, DbDecision) or reply.decision not in (
             DECISION_COMMIT,
             DECISION_ABORT,
