@@ -187,6 +187,10 @@ class _DirectSocket:
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
         self.direct_reads = 0
+        # Whether the last read found data without waiting (or filled the buffer). If not (a
+        # peer that sends only after our reply), the next read waits for readiness first
+        # instead of spending a system call on a read that would fail.
+        self.data_was_waiting = True
 
     def fileno(self) -> int:
         fd = self.sock.fileno()  # -1 once closed: never touch a number reused by another
@@ -195,15 +199,23 @@ class _DirectSocket:
         return fd
 
     async def receive_some(self, max_bytes: int) -> bytes:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = os.read(self.fileno(), max_bytes)
-        except BlockingIOError:
+        waited = not self.data_was_waiting
+        if waited:
             await trio.lowlevel.wait_readable(self.sock)
-            return os.read(self.fileno(), max_bytes)
-        self.direct_reads += 1
-        if self.direct_reads % DIRECT_READS_PER_CHECKPOINT == 0:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                data = os.read(self.fileno(), max_bytes)
+                break
+            except BlockingIOError:
+                waited = True
+                await trio.lowlevel.wait_readable(self.sock)
+        self.data_was_waiting = not waited or len(data) == max_bytes
+        if not waited:  # no scheduler turn yet: take one now and then
+            self.direct_reads += 1
+            if self.direct_reads % DIRECT_READS_PER_CHECKPOINT == 0:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
     def send_nowait(self, data: memoryview) -> int:
@@ -433,8 +445,8 @@ class Connection:
         try:
             with trio.move_on_after(timeout) as scope:
                 self._link.queue(self._link.channel.send(payload))
-                try:
-                    await self._link.flush()
+                try:  # a lone request has nothing to wait for; others may join in this pass
+                    await self._link.flush(join=len(self._pending) > 1)
                 except Unavailable as error:
                     self._fail_all(error)
                     raise
