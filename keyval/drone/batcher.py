@@ -97,9 +97,13 @@ class WriteBatcher:
     async def submit(self, op: DbOp, size_bytes: int, on_done: Completion) -> _Queued:
         """Queue `op`; `on_done(versions, error)` runs in the batch loop when it resolves.
 
-        Returns a handle whose `done` event is set after `on_done` has run."""
+        Returns a handle whose `done` event is set after `on_done` has run. A cancelled caller
+        still queues the op: its writes hold versions and pending marks that only `on_done`
+        releases (an op dropped here left its keys pending for good; issue 9). The wait is for
+        queue space only, which the batch loop frees within one db timeout per batch."""
         queued = _Queued(op, size_bytes, on_done)
-        await self._send.send(queued)
+        with trio.CancelScope(shield=True):
+            await self._send.send(queued)
         return queued
 
     async def commit(self, op: DbOp, size_bytes: int, on_done: Completion) -> list[int]:
