@@ -1,9 +1,12 @@
 """Per-slot ordered storage: the drone's in-memory data.
 
-Each slot the drone holds is a `SortedDict` from canonical key bytes (keyval.keys) to a
-2-tuple `(value, version)`. A tuple, not an object, keeps the per-key overhead small (the
-benchmark targets at most 200 B of RSS per key). Sorted canonical keys make prefix and range
-scans within a slot cheap, and a whole slot is dropped or installed at once.
+Each slot the drone holds is a `SortedDict` from canonical key bytes (keyval.keys) to one
+`bytes` record: the version as 8 big-endian bytes, then the value's CBOR. One small object
+per key instead of a `(value, version)` tuple, a version int and a value object: measured
+with tracemalloc at 1M keys (16-byte keys, 32-byte values) 172 B per key against 270 for the
+tuples (the benchmark targets at most 200 B of RSS per key). A read decodes the value (about
+a microsecond for a small one). Sorted canonical keys make prefix and range scans within a
+slot cheap, and a whole slot is dropped or installed at once.
 
 Versions: a version is `epoch * 2**40 + sequence`. Each slot keeps the highest version it has
 handed out or loaded; `next_version` hands out one above both that and the epoch's base, so a
@@ -12,11 +15,13 @@ key's version never goes back, across deletes and reseeds (epochs rise on every 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sortedcontainers import SortedDict
 
+from wire import codec
 from wire.errors import BadRequest, Internal
 
 Entry = tuple[Any, int]  # (value, version); version > 0
@@ -31,6 +36,24 @@ MAX_SEQUENCE = (1 << EPOCH_SHIFT_BITS) - 1
 def epoch_base(epoch: int) -> int:
     """The lowest version a slot may hand out in `epoch` is one above this."""
     return epoch << EPOCH_SHIFT_BITS
+
+
+# A record's version prefix: versions are below 2**64 (epochs stay far under 2**24).
+_VERSION = struct.Struct(">Q")
+_VERSION_BYTES = _VERSION.size
+
+
+def _record(value: Any, version: int) -> bytes:
+    return _VERSION.pack(version) + codec.encode(value)
+
+
+def _version(record: bytes) -> int:
+    version: int = _VERSION.unpack_from(record)[0]
+    return version
+
+
+def _entry(record: bytes) -> Entry:
+    return codec.decode(record[_VERSION_BYTES:]), _version(record)
 
 
 class SlotStore:
@@ -52,12 +75,12 @@ class SlotStore:
 
     def install_slot(self, slot: int, items: Iterable[Item]) -> None:
         """Replace `slot` with `items` (in any order); its version counter starts above them."""
-        pairs: list[tuple[bytes, tuple[Any, int]]] = []
+        pairs: list[tuple[bytes, bytes]] = []
         highest = 0
         for key, value, version in items:
-            if type(key) is not bytes or type(version) is not int or version <= 0:
+            if type(key) is not bytes or type(version) is not int or not 0 < version < 2**64:
                 raise BadRequest(f"bad reseed item for slot {slot}: version {version!r}")
-            pairs.append((key, (value, version)))
+            pairs.append((key, _record(value, version)))
             if version > highest:
                 highest = version
         # One bulk build (SortedDict sorts once) instead of a sorted insert per key.
@@ -86,13 +109,16 @@ class SlotStore:
         return data
 
     def get(self, slot: int, key: bytes) -> Entry | None:
-        entry: Entry | None = self._data(slot).get(key)
-        return entry
+        record = self._data(slot).get(key)
+        return None if record is None else _entry(record)
+
+    def contains(self, slot: int, key: bytes) -> bool:
+        return key in self._data(slot)
 
     def version_of(self, slot: int, key: bytes) -> int:
         """The key's current version, 0 when absent."""
-        entry = self._data(slot).get(key)
-        return 0 if entry is None else int(entry[1])
+        record = self._data(slot).get(key)
+        return 0 if record is None else _version(record)
 
     def next_version(self, slot: int, epoch: int) -> int:
         """Hand out the next version for a write to `slot` in `epoch` (never reused)."""
@@ -109,12 +135,12 @@ class SlotStore:
         Returns whether it was applied. A delete removes the key."""
         data = self._data(slot)
         current = data.get(key)
-        if current is not None and current[1] >= version:
+        if current is not None and _version(current) >= version:
             return False
         if deleted:
             data.pop(key, None)
         else:
-            data[key] = (value, version)
+            data[key] = _record(value, version)
         if version > self._last_version.get(slot, 0):
             self._last_version[slot] = version
         return True
@@ -145,5 +171,5 @@ class SlotStore:
         for key in data.irange(lower, end, inclusive=(lower_inclusive, False)):
             if prefix is not None and not key.startswith(prefix):
                 return
-            value, version = data[key]
+            value, version = _entry(data[key])
             yield key, value, version

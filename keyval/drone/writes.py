@@ -95,7 +95,7 @@ async def handle_put(state: DroneState, peer: PeerInfo, msg: Put) -> Message:
 async def _put(state: DroneState, msg: Put, slot: int, data: bytes, size_bytes: int) -> Message:
     epoch = await state.wait_serving(slot)
     state.check_slot_servable(slot, epoch)
-    existed = state.store.get(slot, data) is not None or state.pending.is_pending(slot, data)
+    existed = state.store.contains(slot, data) or state.pending.is_pending(slot, data)
     versions = await _write(state, msg.op_id, msg.ack, [(slot, data, msg.value, False)], size_bytes)
     return Written(version=versions[0], existed=existed)
 
@@ -109,7 +109,7 @@ async def handle_delete(state: DroneState, peer: PeerInfo, msg: Delete) -> Messa
 async def _delete(state: DroneState, msg: Delete, slot: int, data: bytes) -> Message:
     epoch = await state.wait_serving(slot)
     state.check_slot_servable(slot, epoch)
-    if state.store.get(slot, data) is None and not state.pending.is_pending(slot, data):
+    if not state.store.contains(slot, data) and not state.pending.is_pending(slot, data):
         return Written(version=0, existed=False)
     versions = await _write(state, msg.op_id, msg.ack, [(slot, data, None, True)], 0)
     return Written(version=versions[0], existed=True)
