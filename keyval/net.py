@@ -762,7 +762,10 @@ class _ServerConnection:
 
     async def _send_reply(self, rid: int, reply: Message) -> None:
         self._queue_reply(rid, reply)
-        await self.link.flush()
+        # Other handlers of this connection may finish in this scheduling pass: let their
+        # replies join the write. A lone one (a client with one request at a time) goes now.
+        others_running = self.inflight.value < MAX_INFLIGHT_PER_CONNECTION - 1
+        await self.link.flush(join=others_running)
 
     def _queue_reply(self, rid: int, reply: Message) -> None:
         channel = self.link.channel
