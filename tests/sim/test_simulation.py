@@ -26,9 +26,6 @@ SWEEP_RUNS = int(os.environ.get("KEYVAL_SIM_RUNS", "201"))
 SWEEP_BATCH = 67
 
 
-# Opt-in until its liveness flake is understood: about one run in four, a bank or cycle run
-# misses its quiet-phase target after db/commander kills (safety checks have always passed).
-@pytest.mark.sim
 def test_fixed_runs_of_every_workload_pass() -> None:
     specs = [
         RunSpec(11, "register", faults=CHEAP_FAULTS, fault_s=3.0),
