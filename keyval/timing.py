@@ -17,6 +17,25 @@ factor (1+d) is a second layer for a commander clock that itself runs fast.
 
 from __future__ import annotations
 
+# Under CPU load (measured, docs/design.md "Under CPU load"): on the shared 2-core machine, 2 to
+# 12 busy processes next to a 3-commander, 3-drone cluster (load average 10-15) caused no lease
+# expiry and no step-down at all in 45 s runs: CFS serves mostly-sleeping daemons promptly.
+# What did cause flapping was a stalled event loop (a process descheduled or paused for a few
+# hundred ms; py-spy sampling at 200 Hz does exactly that). With injected stalls of 0.1-0.9 s
+# on a random node every 0.3-0.9 s, two 45 s runs (seed 1 / seed 2):
+#
+#   code, drone leader timeout   drone failed   step-downs   leader silent   reseed runs
+#   before (c5ad61b), 300 ms        14 / 16        5 / 3        22 / 17        181 / 137
+#   now, 300 ms (chosen)            11 / 5         3 / 2        24 / 12        139 / 68
+#   now, 450 ms                        - / 8          - / 4        - / 13          - / 105
+#   now, 600 ms                     10 / 8         0 / 3         3 / 9         119 / 105
+#
+# The code fixes (no 16384-slot scan per commander tick, no failure verdict right after the
+# commander's own stall, cached per-heartbeat work on the drone, no reseed on a new term) cut
+# failures and reseeds; longer timeouts did not help beyond run-to-run noise, and a stall longer
+# than a lease is a real failure the 1 s (drone) and 2 s (leader) targets must report. So the
+# defaults stay: heartbeat 100 ms, lease 600 ms, leader timeout 300 ms, leader lease 1 s.
+
 # Drones heartbeat this often. Six heartbeats fit in one lease, so five in a row may be lost or
 # late (a GC pause, a busy event loop) before a healthy drone's lease lapses.
 HEARTBEAT_MS = 100
