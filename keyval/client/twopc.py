@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from keyval.client.errors import NoOwner
 from keyval.client.policy import Attempts
 from keyval.client.router import Router
 from keyval.client.routing import Route
@@ -122,7 +123,11 @@ async def commit_across(
         time_left_ms = int((deadline - trio.current_time()) * 1000)
         if time_left_ms <= 0:
             raise TransactionTooOld("the transaction's time bound passed before it committed")
-        parts = await split_by_drone(router, reads, writes, attempts)
+        try:
+            parts = await split_by_drone(router, reads, writes, attempts)
+        except NoOwner:  # a map older than the slots' assignment (fetched at connect): refresh
+            await router.refresh(attempts, seen=router.refreshes)
+            parts = await split_by_drone(router, reads, writes, attempts)
         if len(parts) < 2:
             return None
         try:

@@ -105,3 +105,12 @@ def test_seed_sweep(batch: int) -> None:
         for seed in range(first, min(first + SWEEP_BATCH, SWEEP_RUNS))
     ]
     check_batch(90_000 + batch, specs)
+
+
+def test_a_batch_may_open_with_a_transaction() -> None:
+    """The client's first map is fetched at connect, before the commander has assigned any
+    slot; a write-only transaction as its first operation must fetch the map again rather
+    than fail with NoOwner for good (the sweep's batch 2, led by a cycle run, did)."""
+    specs = [RunSpec(41, "cycle", faults=(), fault_s=0.5, quiet_target_ops=5)]
+    (result,) = check_batch(9, specs)
+    assert result.quiet_ok_operations >= 5
