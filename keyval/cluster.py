@@ -490,6 +490,7 @@ def cmd_add_drone(args: argparse.Namespace) -> int:
         },
     )
     argv = [sys.executable, "-m", "keyval", "drone", "--config", str(config), "--db", db]
+    argv += ["--data", str(root / name)]  # its persisted election vote
     for address in commanders:
         argv += ["--commander", address]
     log_file = (root / "logs" / f"{name}.log").open("ab")

@@ -65,6 +65,10 @@ SAVE_RETRY_S = 0.1
 START_TIMEOUT_S = 30.0
 START_RETRY_S = 0.2
 
+# How often a commander re-reads the electorate from the authority, so a drone added (or
+# disabled) while it runs gains (or loses) its vote within this bound.
+ELECTORATE_REFRESH_S = 2.0
+
 # A tick this much later than planned (FAILURE_CHECK_MS) means this process itself did not run:
 # a loaded machine (the CPU went to other processes), a GC pause, SIGSTOP. Heartbeats that came
 # meanwhile wait unread in the sockets, and a failure check right away would blame the drones
@@ -356,19 +360,39 @@ def _require_drone(peer: PeerInfo, drone: str) -> None:
         )
 
 
+async def _fetch_electorate(credentials: Credentials) -> frozenset[str]:
+    """The enabled drones the authority knows."""
+    connection = await credentials.authority_connection()
+    try:
+        reply = await connection.request(ElectorateRequest(), timeout=START_RETRY_S * 5)
+    finally:
+        await connection.aclose()
+    if not isinstance(reply, ElectorateReply):
+        raise Internal(f"the authority answered with {reply.TYPE}")
+    return frozenset(reply.drones)
+
+
+async def _refresh_electorate(credentials: Credentials, election: Election) -> None:
+    """Keep `election.electorate` equal to the authority's enabled drones."""
+    while True:
+        await trio.sleep(ELECTORATE_REFRESH_S)
+        try:
+            drones = await _fetch_electorate(credentials)
+        except (WireError, OSError) as error:
+            logger.info("cannot refresh the electorate: %s", error)
+            continue
+        if drones and drones != election.electorate:
+            logger.info("electorate now %d drones (was %d)", len(drones), len(election.electorate))
+            election.electorate = drones
+
+
 async def _start_election(credentials: Credentials, db: DbLink, name: str) -> Election:
     """Ask the authority for the electorate and the db for the newest term, retrying while
     either is not reachable yet."""
     with trio.fail_after(START_TIMEOUT_S):
         while True:
             try:
-                connection = await credentials.authority_connection()
-                try:
-                    reply = await connection.request(ElectorateRequest(), timeout=START_RETRY_S * 5)
-                finally:
-                    await connection.aclose()
-                if not isinstance(reply, ElectorateReply):
-                    raise Internal(f"the authority answered with {reply.TYPE}")
+                drones = await _fetch_electorate(credentials)
                 loaded = await db.request(DbLoadMap())
                 if not isinstance(loaded, DbMap):
                     raise Internal(f"the db answered load_map with {loaded.TYPE}")
@@ -376,11 +400,11 @@ async def _start_election(credentials: Credentials, db: DbLink, name: str) -> El
                 logger.warning("authority or db not ready: %s; retrying", error)
                 await trio.sleep(START_RETRY_S)
                 continue
-            if not reply.drones:
+            if not drones:
                 logger.warning("the authority knows no enabled drone yet; retrying")
                 await trio.sleep(START_RETRY_S)
                 continue
-            election = Election(name, frozenset(reply.drones), random.Random())
+            election = Election(name, drones, random.Random())
             election.observe_term(loaded.term, "")
             return election
 
@@ -420,6 +444,7 @@ async def run_commander(
                 node.handle,
             )
             nursery.start_soon(node.run)
+            nursery.start_soon(_refresh_electorate, credentials, election)
             logger.info(
                 "commander %s serving on %s; %d drones vote",
                 options.name,
