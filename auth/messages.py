@@ -21,6 +21,8 @@ class LoginRequest(Message):
 
 @message("auth.login_reply")
 class LoginReply(Message):
+    """A ticket-granting ticket and its session key, sealed to the login's one-time X25519 key."""
+
     tgt: bytes  # opaque to the client
     expires_at: float
     role: str
@@ -37,6 +39,8 @@ class TicketRequest(Message):
 
 @message("auth.ticket_reply")
 class TicketReply(Message):
+    """A service ticket (opaque to the client) and its session key, sealed under the TGT session."""
+
     service: str
     service_role: str
     ticket: bytes
@@ -51,6 +55,8 @@ class ServiceStateRequest(Message):
 
 @message("auth.service_state_reply")
 class ServiceState(Message):
+    """A service's ticket-opening keys by version, the revoked principals, the skew window."""
+
     service: str
     keys: list[tuple[int, bytes]]  # (key version, key), oldest first
     revoked: list[str]  # names of disabled principals
@@ -59,6 +65,10 @@ class ServiceState(Message):
 
 @message("auth.principal")
 class PrincipalEntry(Message):
+    """One principal as the registry holds it: name, role, Ed25519 public key, enabled, key
+    prefixes.
+    """
+
     name: str
     role: str
     public_key: bytes
@@ -78,11 +88,15 @@ class PrincipalAdd(Message):
 
 @message("auth.principal_list")
 class PrincipalList(Message):
+    """Admin: list every principal."""
+
     pass
 
 
 @message("auth.principal_list_reply")
 class PrincipalListReply(Message):
+    """Every principal the authority knows."""
+
     principals: list[PrincipalEntry]
 
 
@@ -93,6 +107,8 @@ class ElectorateRequest(Message):
 
 @message("auth.electorate_reply")
 class ElectorateReply(Message):
+    """The enabled drone principals: the electorate of commander elections."""
+
     drones: list[str]
 
 

@@ -22,6 +22,10 @@ GRANT_KEY_BYTES = 32
 
 @message("grant")
 class Grant(Message):
+    """The commander's statement that a drone may serve these slot ranges under this term; HMAC-
+    SHA256 under the grant key only commanders and the db hold.
+    """
+
     drone: str
     term: int
     ranges: tuple[tuple[int, int, int], ...]  # (first_slot, last_slot, epoch), sorted, disjoint

@@ -24,16 +24,22 @@ ACK_MODES = (ACK_DURABLE, ACK_MEMORY)
 
 @message("kv.get")
 class Get(Message):
+    """Read one key."""
+
     key: Key
 
 
 @message("kv.get_many")
 class GetMany(Message):
+    """Read several keys that live on this drone."""
+
     keys: list[Key]
 
 
 @message("kv.put")
 class Put(Message):
+    """Write a key (`op_id` makes a retry apply once; `ack` durable or memory)."""
+
     key: Key
     value: Any
     op_id: bytes
@@ -42,6 +48,8 @@ class Put(Message):
 
 @message("kv.delete")
 class Delete(Message):
+    """Delete a key (idempotent; `op_id` makes a retry apply once)."""
+
     key: Key
     op_id: bytes
     ack: str = ACK_DURABLE
@@ -91,6 +99,8 @@ class TxnCommit(Message):
 
 @message("kv.value")
 class ValueReply(Message):
+    """A read: found, value, version (0 when absent)."""
+
     found: bool
     value: Any = None
     version: int = 0
@@ -98,23 +108,31 @@ class ValueReply(Message):
 
 @message("kv.values")
 class ValuesReply(Message):
+    """Reads of several keys: (found, value, version) each, in request order."""
+
     items: list[tuple[bool, Any, int]]  # (found, value, version) per requested key
 
 
 @message("kv.written")
 class Written(Message):
+    """A write's new version (0 for the delete of an absent key)."""
+
     version: int  # the new version; for a delete of an absent key, 0
     existed: bool = True
 
 
 @message("kv.scan_page")
 class ScanPage(Message):
+    """Keys in order with values and versions; `after` continues the scan."""
+
     items: list[tuple[Key, Any, int]]  # (key, value, version)
     after: bytes | None = None  # pass back to continue; None when the scan is complete
 
 
 @message("kv.committed")
 class Committed(Message):
+    """A transaction committed: the new version of each write, in order."""
+
     versions: list[int]  # per write, in order
 
 
@@ -123,6 +141,8 @@ class Committed(Message):
 
 @message("db.write")
 class DbWrite(Message):
+    """One key's new state inside a db.op: value or deletion, with its version."""
+
     slot: int
     key: bytes  # canonical key bytes
     value: Any
@@ -140,18 +160,24 @@ class DbOp(Message):
 
 @message("db.write_batch")
 class DbWriteBatch(Message):
+    """A drone's group of ops, with the grants that cover every slot written."""
+
     grants: list[Grant]  # the grants that cover every slot written below
     ops: list[DbOp]
 
 
 @message("db.batch_result")
 class DbBatchResult(Message):
+    """Per op of a write batch: ("ok", versions) or (error code, message)."""
+
     # Per op: ("ok", [versions]) or (error_code, message); a retried op_id answers its first result.
     results: list[tuple[str, Any]]
 
 
 @message("db.read_slot")
 class DbReadSlot(Message):
+    """A drone reads one slot (page by page) under its grant, to reseed it."""
+
     grant: Grant
     slot: int
     after: bytes | None = None
@@ -160,6 +186,8 @@ class DbReadSlot(Message):
 
 @message("db.slot_page")
 class DbSlotPage(Message):
+    """One page of a slot: (canonical key, value, version) in key order."""
+
     items: list[tuple[bytes, Any, int]]  # (canonical key, value, version) in key order
     done: bool
 
@@ -201,12 +229,16 @@ class DbRegisterTerm(Message):
 
 @message("db.term")
 class DbTerm(Message):
+    """The registered commander term and who holds it."""
+
     term: int
     commander: str
 
 
 @message("db.save_map")
 class DbSaveMap(Message):
+    """A commander saves the slot map under its registered term (fenced)."""
+
     term: int
     version: int
     ranges: list[tuple[int, int, str, int]]  # (first_slot, last_slot, drone, epoch)
@@ -214,11 +246,15 @@ class DbSaveMap(Message):
 
 @message("db.load_map")
 class DbLoadMap(Message):
+    """A commander loads the persisted slot map and the registered term."""
+
     pass
 
 
 @message("db.map")
 class DbMap(Message):
+    """The persisted slot map and the term it was saved under."""
+
     term: int
     version: int
     ranges: list[tuple[int, int, str, int]]
@@ -226,11 +262,15 @@ class DbMap(Message):
 
 @message("db.grant_key")
 class DbGrantKey(Message):
+    """A commander fetches the grant key (commander role only)."""
+
     pass
 
 
 @message("db.grant_key_reply")
 class DbGrantKeyReply(Message):
+    """The 32-byte HMAC key grants are made with."""
+
     key: bytes
 
 
@@ -239,6 +279,8 @@ class DbGrantKeyReply(Message):
 
 @message("cmd.register")
 class Register(Message):
+    """A drone joins (role drone; the principal name must equal the drone name)."""
+
     drone: str
     address: str  # host:port clients use to reach it
     capacity_keys: int = 0  # 0: unknown / unlimited
@@ -250,6 +292,8 @@ class Register(Message):
 
 @message("cmd.registered")
 class Registered(Message):
+    """The drone's incarnation and the heartbeat period and lease it must keep."""
+
     incarnation: int
     heartbeat_ms: int
     lease_ms: int
@@ -257,6 +301,8 @@ class Registered(Message):
 
 @message("cmd.heartbeat")
 class Heartbeat(Message):
+    """A drone renews its lease: its load and the ranges it serves."""
+
     drone: str
     incarnation: int
     load: dict[str, Any]  # keys, bytes, ops_per_s, ...
@@ -268,6 +314,8 @@ class Heartbeat(Message):
 
 @message("cmd.heartbeat_reply")
 class HeartbeatReply(Message):
+    """The drone's whole grant now, the map version, and live-move instructions."""
+
     grant: Grant  # everything this drone should hold now (may be empty)
     map_version: int
     # Live moves: slots to hand over (freeze, drain, send Released) ...
@@ -316,11 +364,15 @@ class SlotMoved(Message):
 
 @message("cmd.get_map")
 class GetMap(Message):
+    """Ask for the slot map (any role)."""
+
     known_version: int = 0
 
 
 @message("cmd.map")
 class SlotMap(Message):
+    """The slot map as ranges (first, last, drone, epoch), drone addresses, version, term, leader."""
+
     term: int
     version: int
     ranges: list[tuple[int, int, str, int]]  # (first, last, drone, epoch); gaps have no owner
@@ -372,6 +424,8 @@ class StatusRequest(Message):
 
 @message("cmd.drone_status")
 class DroneStatus(Message):
+    """One drone as the commander sees it: address, incarnation, last heartbeat, slots, load."""
+
     name: str
     address: str
     incarnation: int
@@ -383,6 +437,8 @@ class DroneStatus(Message):
 
 @message("cmd.status_reply")
 class ClusterStatus(Message):
+    """Cluster status: term, leader, map version, every drone's status, commanders' views."""
+
     term: int
     leader: str  # the answering commander's name (it leads: only the leader answers)
     phase: str  # "waiting" | "resuming" | "running" (keyval.commander.state.Phase values)
@@ -410,6 +466,8 @@ class Ballot(Message):
 
 @message("cmd.ballot_reply")
 class BallotReply(Message):
+    """A commander's answer to a ballot: its term, role and the leader it knows."""
+
     commander: str
     role: str  # "leader" | "candidate" | "follower"
     term: int  # its term (the highest it has seen)
@@ -450,6 +508,8 @@ class TxnAbort(Message):
 
 @message("kv.txn_outcome")
 class TxnOutcome(Message):
+    """The outcome of a two-phase-commit transaction at this participant."""
+
     decision: str  # "commit" | "abort"
 
 
@@ -476,9 +536,13 @@ class DbDecide(Message):
 
 @message("db.get_decision")
 class DbGetDecision(Message):
+    """Ask for a transaction's decision without deciding it."""
+
     txid: bytes
 
 
 @message("db.decision")
 class DbDecision(Message):
+    """The decision that stands for a two-phase-commit transaction: commit or abort."""
+
     decision: str  # "commit" | "abort" | "" (none recorded)

@@ -119,6 +119,10 @@ class ServerAuth(Protocol):
 
 @message("channel.client_hello")
 class ClientHello(Message):
+    """Handshake, sent in plain with request id 0: protocol versions, ephemeral X25519 key, the
+    authentication method's map.
+    """
+
     versions: list[int]
     public_key: bytes
     auth: dict[str, Any]
@@ -126,6 +130,10 @@ class ClientHello(Message):
 
 @message("channel.server_hello")
 class ServerHello(Message):
+    """Handshake reply, plain: the version chosen, the server's ephemeral X25519 key, the method's
+    proof.
+    """
+
     version: int
     public_key: bytes
     server_info: dict[str, Any]
