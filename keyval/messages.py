@@ -371,7 +371,8 @@ class GetMap(Message):
 
 @message("cmd.map")
 class SlotMap(Message):
-    """The slot map as ranges (first, last, drone, epoch), drone addresses, version, term, leader."""
+    """The slot map as ranges (first, last, drone, epoch), drone addresses, version, term,
+    leader."""
 
     term: int
     version: int
