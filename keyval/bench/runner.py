@@ -163,6 +163,27 @@ def _profiler(options: BenchOptions, handle: ClusterHandle, outcome: Outcome) ->
         return None
 
 
+def _drive_server(options: BenchOptions, target: str, process_name: str, server: Any) -> Row:
+    """Our load generator against one comparison server (Redis or etcd): its result row."""
+    specs = worker_specs(
+        target=target,
+        workload=options.workload,
+        connections=options.connections,
+        pipeline=options.pipeline,
+        processes=options.processes,
+        keys=options.keys,
+        value_bytes=options.value_bytes,
+        preload=options.workload in PRELOADED,
+        host=server.host,
+        port=server.port,
+    )
+    processes = [ServerProcess(target, process_name, server.pid)]
+    result = run_load(
+        specs, warmup_s=options.warmup_s, seconds=options.seconds, on_window=_cpu_hook(processes)
+    )
+    return _row(options, target, result)
+
+
 def run_redis(options: BenchOptions, folder: Path, outcome: Outcome) -> list[Row]:
     """Our load generator against redis-server, then redis-benchmark for the same shape."""
     if options.workload == "scan":
@@ -170,26 +191,7 @@ def run_redis(options: BenchOptions, folder: Path, outcome: Outcome) -> list[Row
     durable = options.workload in REDIS_DURABLE
     try:
         with running_redis(folder / f"redis-{options.workload}", durable=durable) as server:
-            specs = worker_specs(
-                target="redis",
-                workload=options.workload,
-                connections=options.connections,
-                pipeline=options.pipeline,
-                processes=options.processes,
-                keys=options.keys,
-                value_bytes=options.value_bytes,
-                preload=options.workload in PRELOADED,
-                host=server.host,
-                port=server.port,
-            )
-            processes = [ServerProcess("redis", "redis-server", server.pid)]
-            result = run_load(
-                specs,
-                warmup_s=options.warmup_s,
-                seconds=options.seconds,
-                on_window=_cpu_hook(processes),
-            )
-            row = _row(options, "redis", result)
+            row = _drive_server(options, "redis", "redis-server", server)
             row["redis_durable"] = durable
             rows = [row]
             if options.redis_benchmark and options.workload in REDIS_BENCHMARK_TESTS:
@@ -240,26 +242,7 @@ def run_etcd(options: BenchOptions, folder: Path, outcome: Outcome) -> Row:
         return {**_shape(options, "etcd"), "skipped": reason}
     try:
         with running_etcd(folder / f"etcd-{options.workload}") as server:
-            specs = worker_specs(
-                target="etcd",
-                workload=options.workload,
-                connections=options.connections,
-                pipeline=options.pipeline,
-                processes=options.processes,
-                keys=options.keys,
-                value_bytes=options.value_bytes,
-                preload=options.workload in PRELOADED,
-                host=server.host,
-                port=server.port,
-            )
-            processes = [ServerProcess("etcd", "etcd", server.pid)]
-            result = run_load(
-                specs,
-                warmup_s=options.warmup_s,
-                seconds=options.seconds,
-                on_window=_cpu_hook(processes),
-            )
-            return _row(options, "etcd", result)
+            return _drive_server(options, "etcd", "etcd", server)
     except EtcdMissing as error:
         outcome.notes.append(f"etcd: {error}")
         return {**_shape(options, "etcd"), "skipped": str(error)}
