@@ -19,7 +19,6 @@ from keyval.client.blocking import Client, Transaction, connect
 from keyval.client.decorator import transactional
 from keyval.client.errors import (
     ClientClosed,
-    CrossDroneTransaction,
     DeadlineExceeded,
     NoOwner,
     TooManyConflicts,
@@ -32,7 +31,6 @@ __all__ = [
     "AsyncTransaction",
     "Client",
     "ClientClosed",
-    "CrossDroneTransaction",
     "DeadlineExceeded",
     "Entry",
     "NoOwner",

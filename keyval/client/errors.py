@@ -6,14 +6,7 @@ arrive as the `ServiceError` subclass of their code (`Conflict`, `Moved`, `Unava
 
 from __future__ import annotations
 
-from wire.errors import BadRequest, Conflict, LocalProtocolError, Timeout, Unavailable
-
-
-class CrossDroneTransaction(BadRequest):
-    """A transaction touched keys owned by more than one drone.
-
-    Cross-drone commit (two-phase commit) is not built yet. Read-only transactions across
-    drones are refused too: re-reading versions on each drone in turn is not serializable."""
+from wire.errors import Conflict, LocalProtocolError, Timeout, Unavailable
 
 
 class TransactionFinished(LocalProtocolError):

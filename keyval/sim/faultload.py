@@ -14,12 +14,9 @@ from __future__ import annotations
 import itertools
 import random
 
-import trio
-
 from keyval.client.aio import AsyncClient
-from keyval.sim.history import OpKind, Recorder
-from keyval.sim.workloads import BANK_ACCOUNTS, Bank, Register
-from wire.errors import WireError
+from keyval.sim.history import Recorder
+from keyval.sim.workloads import BANK_ACCOUNTS, Bank, Register, recorded_put
 
 
 class RotatingRegisters:
@@ -65,14 +62,4 @@ class Ledger:
         number = next(self._numbers)
         key = f"{self.prefix}-ledger-{number}"
         self.keys.append(key)
-        self.recorder.invoke(process, OpKind.WRITE, trio.current_time(), key=key, value=number)
-        try:
-            await client.put(key, number)
-        except WireError:
-            self.recorder.info(process, trio.current_time())
-            return False
-        except BaseException:
-            self.recorder.info(process, trio.current_time())
-            raise
-        self.recorder.ok(process, trio.current_time())
-        return True
+        return await recorded_put(self.recorder, client, process, key, number)

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 import trio
 
 from keyval.client.aio import AsyncClient
-from keyval.client.errors import CrossDroneTransaction
 from keyval.sim.checks import (
     CheckResult,
     check_bank,
@@ -58,6 +57,23 @@ FINAL_READ_ATTEMPTS = 50
 
 # The history process that takes the final snapshot, above any client process number.
 FINAL_PROCESS = 1_000_000
+
+
+async def recorded_put(
+    recorder: Recorder, client: AsyncClient, process: int, key: Key, value: Any
+) -> bool:
+    """Put `key` = `value` with invoke/ok/info recorded; False when the outcome is unknown."""
+    recorder.invoke(process, OpKind.WRITE, trio.current_time(), key=key, value=value)
+    try:
+        await client.put(key, value)
+    except WireError:
+        recorder.info(process, trio.current_time())
+        return False
+    except BaseException:
+        recorder.info(process, trio.current_time())
+        raise
+    recorder.ok(process, trio.current_time())
+    return True
 
 
 class WorkloadError(RuntimeError):
@@ -141,18 +157,7 @@ class Register:
         return True
 
     async def _write(self, client: AsyncClient, process: int, key: Key) -> bool:
-        value = next(self._values)
-        self.recorder.invoke(process, OpKind.WRITE, trio.current_time(), key=key, value=value)
-        try:
-            await client.put(key, value)
-        except WireError:
-            self.recorder.info(process, trio.current_time())
-            return False
-        except BaseException:
-            self.recorder.info(process, trio.current_time())
-            raise
-        self.recorder.ok(process, trio.current_time())
-        return True
+        return await recorded_put(self.recorder, client, process, key, next(self._values))
 
     async def _cas(self, client: AsyncClient, process: int, key: Key) -> bool:
         expected, version = self._seen[(process, key)]
@@ -240,7 +245,7 @@ class _Transactional:
         raise WorkloadError(f"{self.name}: no final snapshot in {FINAL_READ_ATTEMPTS} tries")
 
     def _complete_failed(self, process: int, error: BaseException) -> None:
-        if isinstance(error, Conflict | CrossDroneTransaction):
+        if isinstance(error, Conflict):
             self.recorder.fail(process, trio.current_time())
         else:
             self.recorder.info(process, trio.current_time())
