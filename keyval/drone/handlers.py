@@ -53,7 +53,10 @@ class DroneHandler:
         """The reply when it needs no waiting (keyval.net answers it inline), else None."""
         if isinstance(msg, Get):
             require_role(peer, *KV_ROLES, action=msg.TYPE)
-            return get_nowait(self.state, peer, msg)
+            reply = get_nowait(self.state, peer, msg)
+            if reply is not None:
+                self.state.requests_served += 1
+            return reply
         if isinstance(msg, Ping):
             return Ok()
         return None
@@ -65,4 +68,6 @@ class DroneHandler:
         if handler is None:
             raise BadRequest(f"a drone does not answer {msg.TYPE!r}")
         require_role(peer, *KV_ROLES, action=msg.TYPE)
-        return await handler(self.state, peer, msg)
+        reply = await handler(self.state, peer, msg)
+        self.state.requests_served += 1
+        return reply

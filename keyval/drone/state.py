@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import trio
 
@@ -56,6 +57,8 @@ class DroneState:
         self.ops = OpCache()
         self.batcher = WriteBatcher(db, lambda: self.table.grant)
         self._loaded = trio.Event()  # set and replaced whenever a slot finishes loading
+        self.requests_served = 0  # kv requests answered (for the ops/s in the heartbeat load)
+        self._rate_mark: tuple[float, int] | None = None  # (time, requests_served) last load
 
     def now(self) -> float:
         return trio.current_time()
@@ -83,10 +86,27 @@ class DroneState:
             )
 
     def load(self) -> dict[str, int]:
-        """Numbers for the heartbeat."""
+        """Numbers for the heartbeat: keys, resident memory, requests per second since the
+        previous call, and the batcher's statistics."""
+        now, served = self.now(), self.requests_served
+        ops_per_s = 0
+        if self._rate_mark is not None and now > self._rate_mark[0]:
+            ops_per_s = round((served - self._rate_mark[1]) / (now - self._rate_mark[0]))
+        self._rate_mark = (now, served)
         return {
             "keys": self.store.key_count(),
+            "bytes": resident_bytes(),
+            "ops_per_s": ops_per_s,
             "slots": len(self.table.held_slots()),
             "pending_keys": len(self.pending),
             **self.batcher.statistics(),
         }
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc), or 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
