@@ -134,6 +134,8 @@ class _GrantSet:
 
     def grant_for(self, slot: int) -> Grant:
         """The newest verified grant covering `slot`; Unauthorized/Fenced when there is none."""
+        if len(self.valid) == 1 and self.valid[0].epoch_of(slot) is not None:
+            return self.valid[0]  # the common case: a drone sends its one current grant
         covering = [g for g in self.valid if g.epoch_of(slot) is not None]
         if covering:
             return max(covering, key=lambda g: (g.term, g.epoch_of(slot) or 0))
@@ -290,10 +292,18 @@ class Database:
         async with self._order:
             results: list[OpResult | None] = []
             admitted: list[PreparedOp] = []
+            # slot -> the grant last admitted for it in this batch. Admitting that same grant
+            # again changes nothing (the fence already stands at its term and epoch), so a
+            # batch checks each (grant, slot) pair once, not once per write. Any other grant
+            # admitted for the slot replaces the entry, so a fence it raised is checked again.
+            fenced: dict[int, Grant] = {}
             for item in pending:
                 try:
                     for write in item.op.writes:
-                        self._fences.admit(item.grants.grant_for(write.slot), write.slot)
+                        grant = item.grants.grant_for(write.slot)
+                        if fenced.get(write.slot) is not grant:
+                            self._fences.admit(grant, write.slot)
+                            fenced[write.slot] = grant
                     admitted.append(item.op)
                     results.append(None)
                 except ServiceError as error:
