@@ -38,6 +38,10 @@ _Check = Callable[[Any], Any]  # validates and normalises one field value, or ra
 
 _REGISTRY: dict[str, type[Message]] = {}
 
+# Values that need neither conversion to wire form nor a walk to be admitted (ints do: the
+# codec admits only 64-bit ones). Hot paths test for these first.
+_PLAIN_SCALARS = frozenset({str, bytes, bool, float, type(None)})
+
 
 class Message:
     """Base of all messages. Subclasses are made by `@message`."""
@@ -63,6 +67,8 @@ class Message:
 
 
 def _to_wire(value: Any) -> Any:
+    if type(value) in _PLAIN_SCALARS:  # most fields: nothing to convert
+        return value
     if isinstance(value, Message):
         return value.to_wire()
     if type(value) is tuple or type(value) is list:
@@ -115,7 +121,8 @@ def _check_float(value: Any) -> Any:
 
 
 def _check_value(value: Any) -> Any:
-    codec.check_value(value)
+    if type(value) not in _PLAIN_SCALARS:  # ints (range) and containers take the full walk
+        codec.check_value(value)
     return value
 
 
@@ -161,7 +168,7 @@ def _sequence_checker(item: _Check, kind: type) -> _Check:
     def check(value: Any) -> Any:
         if type(value) not in (list, tuple):
             raise TypeError(f"expected an array, got {type(value).__name__}")
-        return kind(item(v) for v in value)
+        return kind([item(v) for v in value])  # a list, not a generator: ~2x faster
 
     return check
 
@@ -170,7 +177,7 @@ def _fixed_tuple_checker(items: tuple[_Check, ...]) -> _Check:
     def check(value: Any) -> Any:
         if type(value) not in (list, tuple) or len(value) != len(items):
             raise TypeError(f"expected an array of {len(items)} items")
-        return tuple(c(v) for c, v in zip(items, value, strict=True))
+        return tuple([c(v) for c, v in zip(items, value, strict=True)])
 
     return check
 
