@@ -69,6 +69,8 @@ class DroneState:
 
     async def wait_serving(self, slot: int) -> int:
         """The slot's epoch once it may be served; waits (bounded) while it loads."""
+        if self.table.status_of(slot) is not SlotStatus.LOADING:  # the common case: no timer
+            return self.table.check_serving(slot, self.now())
         with trio.move_on_after(LOADING_WAIT_MS / 1000):
             while self.table.status_of(slot) is SlotStatus.LOADING:
                 await self._loaded.wait()
