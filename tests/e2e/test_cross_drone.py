@@ -136,7 +136,9 @@ async def test_bank_total_is_constant_in_every_audit(cluster: LocalCluster) -> N
         await bank.open()
         await bank.run(seconds=3.0, transferers=6)
         final = await bank.audit()
-    assert bank.counts["transfer"] > 20, bank.counts
+    # Progress, not speed (the bench measures throughput): audits lock all 120 accounts while
+    # they validate, so how many transfers fit in 3 s varies widely (13 to 184 seen).
+    assert bank.counts["transfer"] >= 1, bank.counts
     assert bank.counts["audit"] >= 1, bank.counts
     assert set(bank.totals) == {TOTAL}, (bank.totals, bank.counts)
     assert final == TOTAL
