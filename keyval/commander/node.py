@@ -41,6 +41,7 @@ from keyval.messages import (
     Heartbeat,
     StatusRequest,
 )
+from keyval.observe import current_metrics
 from keyval.timing import FAILURE_CHECK_MS, commander_expiry_ms
 from wire.channel import PeerInfo
 from wire.errors import Fenced, Internal, NotLeader, Unauthorized, WireError
@@ -136,9 +137,11 @@ class CommanderNode:
     def _carry_out(self, instructions: list[ElectionInstruction]) -> None:
         for instruction in instructions:
             if isinstance(instruction, Won):
+                current_metrics().elections_won.inc()
                 logger.info("%s won the vote of term %d", self.name, instruction.term)
                 self._wake.set()
             elif isinstance(instruction, SteppedDown):
+                current_metrics().step_downs.inc()
                 logger.warning(
                     "%s steps down from term %d: %s",
                     self.name,

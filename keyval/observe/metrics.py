@@ -144,6 +144,14 @@ class NodeMetrics:
             "drones declared failed because their lease expired",
             commander,
         )
+        self.elections_won = self._counter(
+            "keyval_elections_won", "terms this commander won by the drones' vote", commander
+        )
+        self.step_downs = self._counter(
+            "keyval_leader_step_downs",
+            "terms this commander left (lease on a majority lapsed, or fenced by the db)",
+            commander,
+        )
 
     def request_done(self, op: str, code: str | None, elapsed_s: float) -> None:
         """Count one served request of type `op`, answered with error `code` (None: ok)."""

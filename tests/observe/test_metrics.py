@@ -132,3 +132,17 @@ def test_metrics_of_a_role_are_registered_only_for_it() -> None:
     assert "keyval_commit_batch_ops" not in names
     assert "keyval_drones_live" not in names
     assert "keyval_requests" in names
+
+
+def test_commander_counts_elections_won_and_step_downs() -> None:
+    from prometheus_client import generate_latest
+
+    from keyval.observe.metrics import NodeMetrics
+
+    metrics = NodeMetrics("commander-1", "commander", process=False)
+    metrics.elections_won.inc()
+    metrics.step_downs.inc()
+    metrics.step_downs.inc()
+    text = generate_latest(metrics.registry).decode()
+    assert "keyval_elections_won_total 1.0" in text
+    assert "keyval_leader_step_downs_total 2.0" in text
