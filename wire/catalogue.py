@@ -79,9 +79,7 @@ def render(modules: Sequence[str] = MESSAGE_MODULES) -> str:
     for name in modules:
         importlib.import_module(name)
     # Only the protocol's own messages: tests register throwaway types in the same registry.
-    registry = {
-        name: cls for name, cls in registered_types().items() if cls.__module__ in modules
-    }
+    registry = {name: cls for name, cls in registered_types().items() if cls.__module__ in modules}
     lines = ["| type | fields | meaning |", "|---|---|---|"]
     for type_name in sorted(registry, key=lambda n: (n.count("."), n)):
         cls = registry[type_name]
