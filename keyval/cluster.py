@@ -197,6 +197,8 @@ class Cluster:
                     + (" | ".join(tail) or f"see {node.log_file}")
                 )
             time.sleep(0.05)
+        if self.stopping:
+            raise ClusterError(f"interrupted while {node.name} was starting")
         raise ClusterError(f"{node.name} did not start within {START_TIMEOUT_S:.0f} s")
 
     def start_all(self) -> None:
