@@ -4,11 +4,11 @@ A run is (seed, workload). Its seed drives its fault schedule, its clients' choi
 network's delays. Booting a cluster reseeds all 16384 slots from the db (in bulk, still a
 fraction of a second), so a *batch* boots once and then performs several runs in turn on
 disjoint keys; before each run every node is running and the network healed. A batch is named
-by its seed and its list of runs: `replay_command` prints it. What replays: the fault schedule
-and every seeded choice (os.urandom and unseeded random.Random() are seeded during a batch,
-trio's scheduler too); what does not yet: the exact interleaving (virtual times of events
-drift by microseconds between two runs of one seed; see the xfail test), so a failure found
-by a seed may need a few replays to recur. Each result carries its history as JSON lines.
+by its seed and its list of runs: `replay_command` prints it. A batch replays exactly: the fault
+schedule, every seeded choice (os.urandom and unseeded random.Random() are seeded during a
+batch) and the interleaving (trio's scheduler is seeded too, and disk calls run inline), so two
+runs of one batch record the same history with the same virtual times. Each result carries its
+history as JSON lines.
 
 Fault phase (`fault_s` virtual seconds): clients run the workload while the fault task kills
 and restarts drones, the db and the commander, partitions and heals, pauses and resumes, and
@@ -374,8 +374,10 @@ def run_batch(
     clock = sim_clock()
     parent = MEMORY_FILESYSTEM if os.access(MEMORY_FILESYSTEM, os.W_OK) else None
     scratch_dir = tempfile.TemporaryDirectory(prefix="keyval-sim-", dir=parent)
-    with scratch_dir as scratch, inline_thread_calls(), seeded_entropy(batch_seed):
-        with _deterministic_scheduler(batch_seed):
+    # The scheduler first: inside `seeded_entropy`, `random.Random` names its seeded subclass,
+    # which trio's own generator is no instance of, so it would be left unseeded.
+    with _deterministic_scheduler(batch_seed), scratch_dir as scratch, inline_thread_calls():
+        with seeded_entropy(batch_seed):
             return trio.run(_batch, root or Path(scratch), batch_seed, specs, drones, clock=clock)
 
 
