@@ -22,6 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from keyval.processes import stop_processes
+
 DEFAULT_BASE_PORT = 6230  # authority; db = +1; commanders = +2..+9; drones = +10..
 DRONE_PORT_OFFSET = 10
 MAX_COMMANDERS = 8  # ports base+2 .. base+9
@@ -309,18 +311,8 @@ class Cluster:
 
     def stop(self) -> None:
         _stop_added_drones(self.root)
-        for node in reversed(self.nodes):
-            if node.process is not None and node.process.poll() is None:
-                node.process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for node in reversed(self.nodes):
-            if node.process is None:
-                continue
-            try:
-                node.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
+        running = [node.process for node in reversed(self.nodes) if node.process is not None]
+        stop_processes(running, STOP_GRACE_S)
 
     def supervise(self) -> None:
         reported: set[str] = set()

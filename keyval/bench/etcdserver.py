@@ -21,6 +21,7 @@ from pathlib import Path
 
 from keyval.bench.errors import BenchError
 from keyval.bench.redisserver import HOST, free_port
+from keyval.processes import stop_processes
 
 START_TIMEOUT_S = 30.0  # a single member elects itself within a few seconds when healthy
 STOP_GRACE_S = 10.0  # SIGTERM to SIGKILL
@@ -124,9 +125,4 @@ def running_etcd(workdir: Path) -> Iterator[EtcdServer]:
         _wait_serving(server, process, log)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_processes([process], STOP_GRACE_S)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from keyval.bench.errors import BenchError, RespProtocolError, RespReplyError
 from keyval.bench.resp import Argument, NeedData, Reply, RespError, RespParser, encode_command
+from keyval.processes import stop_processes
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0  # redis-server is serving in well under a second when healthy
@@ -121,12 +122,7 @@ def running_redis(workdir: Path, *, durable: bool) -> Iterator[RedisServer]:
         _wait_serving(server, process, log)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_processes([process], STOP_GRACE_S)
 
 
 @dataclass(frozen=True, slots=True)

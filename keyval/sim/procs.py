@@ -23,13 +23,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+
+from keyval.processes import stop_processes
 
 READY_LINE = "keyval cluster ready"
 
@@ -242,16 +243,7 @@ class ProcessCluster:
                     os.kill(node.pid, signal.SIGCONT)
                 node.paused = False
         ours = [n.process for n in self.nodes.values() if n.process and n.process.poll() is None]
-        for process in [self.launcher, *ours]:
-            if process.poll() is None:
-                process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for process in [self.launcher, *ours]:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([self.launcher, *ours], STOP_GRACE_S)
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(self.launcher.pid, signal.SIGKILL)  # daemons the launcher left behind
         for node in self.nodes.values():
