@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +115,14 @@ class LocalCluster:
             self.process.stdout.close()
         self.process = None
         return code
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, **options: Any) -> Iterator[LocalCluster]:
+    """A started LocalCluster, stopped at exit whatever happens."""
+    cluster = LocalCluster(root, **options)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -14,19 +14,15 @@ import pytest
 
 import keyval
 from keyval.messages import Put, Written
-from tests.e2e.cluster import LocalCluster
+from tests.e2e.cluster import LocalCluster, running_cluster
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    running = LocalCluster(tmp_path / "cluster")
-    running.start()
-    try:
+    with running_cluster(tmp_path / "cluster") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _restart_db(cluster: LocalCluster) -> subprocess.Popen[bytes]:

@@ -24,9 +24,10 @@ import pytest
 import trio
 
 import keyval
+from keyval.bench.failover import probe_keys
 from keyval.client.aio import AsyncClient
-from keyval.keys import NUM_SLOTS, key_slot
-from tests.e2e.cluster import LocalCluster
+from keyval.keys import NUM_SLOTS
+from tests.e2e.cluster import LocalCluster, running_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -42,12 +43,8 @@ PROBE_LIMIT_S = 60.0  # what the default suite asserts: shared CI cores are slow
 
 @pytest.fixture
 def three_drones(tmp_path: Path) -> Iterator[LocalCluster]:
-    running = LocalCluster(tmp_path / "cluster", drones=3)
-    running.start()
-    try:
+    with running_cluster(tmp_path / "cluster", drones=3) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @dataclass
@@ -118,19 +115,6 @@ async def _probe_until_served(cluster: LocalCluster, victim: str, probes: list[s
     return detected_at
 
 
-def _probe_keys(slots: set[int]) -> list[str]:
-    """One key per slot in `slots`."""
-    found: dict[int, str] = {}
-    candidate = 0
-    while len(found) < len(slots):
-        key = f"probe:{candidate}"
-        slot = key_slot(key)
-        if slot in slots and slot not in found:
-            found[slot] = key
-        candidate += 1
-    return list(found.values())
-
-
 async def _slots_of(kv: AsyncClient, drone: str) -> set[int]:
     await kv.router.refresh(kv.router.start(), seen=kv.router.refreshes)
     table = kv.router.table
@@ -149,7 +133,7 @@ async def _failover(cluster: LocalCluster, keys: int) -> dict[str, float]:
         victim = "drone-2"
         dead_slots = await _slots_of(kv, victim)
         assert 0 < len(dead_slots) < NUM_SLOTS
-        probes = _probe_keys(dead_slots)
+        probes = probe_keys(dead_slots)
         load = Load()
         async with trio.open_nursery() as nursery:
             for index in range(WRITERS):

@@ -25,7 +25,7 @@ from keyval.client.aio import AsyncClient
 from keyval.client.config import load_settings
 from keyval.keys import NUM_SLOTS, key_slot
 from keyval.messages import GetMap, MapChange, MoveSlot, SlotMap
-from tests.e2e.cluster import LocalCluster
+from tests.e2e.cluster import LocalCluster, running_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -41,12 +41,8 @@ CLI_TIMEOUT_S = 60.0
 
 @pytest.fixture
 def two_drones(tmp_path: Path) -> Iterator[LocalCluster]:
-    running = LocalCluster(tmp_path / "cluster", drones=2)
-    running.start()
-    try:
+    with running_cluster(tmp_path / "cluster", drones=2) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @dataclass
