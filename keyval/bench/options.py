@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="sample the first drone with py-spy over the measured window (pip install py-spy)",
+        help="sample the first drone with py-spy over the measured window (bench extra)",
     )
     parser.add_argument(
         "--failover",

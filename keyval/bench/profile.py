@@ -1,9 +1,9 @@
 """A py-spy profile of one server process over the measured window (`--profile`).
 
-py-spy (`pip install py-spy`, not a keyval dependency) samples the process from outside;
-its "raw" output is one line per distinct stack, `frame;frame;...;leaf count`. The summary is
-the frames holding the most samples: by self time (the leaf) and by total time (anywhere on
-the stack).
+py-spy (the `bench` extra of pyproject.toml, installed in the project venv) samples the
+process from outside; its "raw" output is one line per distinct stack, `frame;...;leaf count`.
+The summary is the frames holding the most samples: by self time (the leaf) and by total time
+(anywhere on the stack).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Profiler:
     def __init__(self, pid: int, output: Path) -> None:
         executable = shutil.which("py-spy")
         if executable is None:
-            raise ProfilerMissing("skipped: py-spy not installed (pip install py-spy)")
+            raise ProfilerMissing("skipped: py-spy not installed (the project venv's bench extra)")
         self._executable = executable
         self._pid = pid
         self._output = output

@@ -268,7 +268,8 @@ Redis runs `put`, `mixed` and `txn-local` with `appendonly yes` and `appendfsync
 `txn-local` is WATCH, MGET, MULTI/SET/SET/EXEC there, on a connection per transaction task.
 `txn-cross` reads and writes two keys owned by two different drones (picked from the slot
 map), so every transaction is a two-phase commit; on Redis it is the same WATCH/MULTI on two
-keys. `--profile` samples drone-1 with py-spy (`pip install py-spy`) over the measured window.
+keys. `--profile` samples drone-1 with py-spy (the `bench` extra, which the project venv
+installs) over the measured window.
 
 `--vs etcd` starts a single-node etcd (Debian's `etcd-server`, 3.4) on free loopback ports in
 a temporary data dir and drives it with the same load-generator design (trio, the same
