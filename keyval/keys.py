@@ -37,6 +37,7 @@ DEFAULT_MAX_VALUE_BYTES = 512 * 1024
 TYPE_STR = b"s"
 TYPE_BYTES = b"b"
 TYPE_INT = b"i"
+_TYPE_INT_BYTE = TYPE_INT[0]
 
 # The int header byte: 0x80 + L for non-negative, 0x7F - L for negative, so L stays below 128.
 # 127 bytes of magnitude is far beyond any sensible integer key (and the key limit anyway).
@@ -161,3 +162,14 @@ def check_key(key: object, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES) -> bytes:
             detail={"size": len(data), "limit": max_key_bytes},
         )
     return data
+
+
+def check_key_slot(key: object, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES) -> tuple[bytes, int]:
+    """`check_key` and `key_slot` in one pass (the key is admitted and encoded once): the
+    canonical form and the hash slot. For the per-key loops of batched reads."""
+    data = check_key(key, max_key_bytes)
+    if data[0] == _TYPE_INT_BYTE:
+        hashed = str(key).encode("ascii")
+    else:  # str and bytes hash what follows the type byte: the UTF-8 or the bytes themselves
+        hashed = hash_tag_part(data[1:])
+    return data, binascii.crc_hqx(hashed, 0) % NUM_SLOTS

@@ -12,6 +12,7 @@ from keyval.keys import (
     canonical_key,
     canonical_slot,
     check_key,
+    check_key_slot,
     crc16_xmodem,
     key_from_canonical,
     key_slot,
@@ -66,6 +67,21 @@ def test_canonical_round_trip(key: str | bytes | int) -> None:
     assert back == key
     assert canonical_slot(data) == key_slot(key)
     assert 0 <= key_slot(key) < NUM_SLOTS
+
+
+@given(keys)
+def test_check_key_slot_is_check_key_and_key_slot(key: str | bytes | int) -> None:
+    assert check_key_slot(key, 10**6) == (check_key(key, 10**6), key_slot(key))
+
+
+def test_check_key_slot_follows_hash_tags_and_refuses_like_check_key() -> None:
+    assert check_key_slot("{user:1}:name")[1] == key_slot("user:1")
+    assert check_key_slot(b"{user:1}:x")[1] == key_slot(b"user:1")
+    assert check_key_slot(-12)[1] == key_slot(-12)
+    with pytest.raises(BadRequest):
+        check_key_slot(True)
+    with pytest.raises(TooLarge):
+        check_key_slot("x" * DEFAULT_MAX_KEY_BYTES)
 
 
 @given(st.integers(min_value=-(2**200), max_value=2**200), st.integers(-(2**200), 2**200))

@@ -6,7 +6,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from auth.roles import require_role
-from keyval.drone.reads import get_nowait, handle_get, handle_get_many, handle_scan
+from keyval.drone.reads import (
+    get_many_nowait,
+    get_nowait,
+    handle_get,
+    handle_get_many,
+    handle_scan,
+)
 from keyval.drone.state import DroneState
 from keyval.drone.twopc import handle_txn_abort, handle_txn_prepare
 from keyval.drone.writes import handle_cas, handle_delete, handle_put, handle_txn_commit
@@ -53,13 +59,17 @@ class DroneHandler:
         """The reply when it needs no waiting (keyval.net answers it inline), else None."""
         if isinstance(msg, Get):
             require_role(peer, *KV_ROLES, action=msg.TYPE)
-            reply = get_nowait(self.state, peer, msg)
-            if reply is not None:
-                self.state.requests_served += 1
-            return reply
-        if isinstance(msg, Ping):
+            reply: Message | None = get_nowait(self.state, peer, msg)
+        elif isinstance(msg, GetMany):
+            require_role(peer, *KV_ROLES, action=msg.TYPE)
+            reply = get_many_nowait(self.state, peer, msg)
+        elif isinstance(msg, Ping):
             return Ok()
-        return None
+        else:
+            return None
+        if reply is not None:
+            self.state.requests_served += 1
+        return reply
 
     async def __call__(self, peer: PeerInfo, msg: Message) -> Message:
         if isinstance(msg, Ping):

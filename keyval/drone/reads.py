@@ -6,7 +6,14 @@ from typing import Any
 
 from keyval.drone.slots import SlotStatus
 from keyval.drone.state import DroneState, check_permission
-from keyval.keys import Key, canonical_key, check_key, key_from_canonical, key_slot
+from keyval.keys import (
+    Key,
+    canonical_key,
+    check_key,
+    check_key_slot,
+    key_from_canonical,
+    key_slot,
+)
 from keyval.messages import Get, GetMany, Scan, ScanPage, ValueReply, ValuesReply
 from wire import codec
 from wire.channel import PeerInfo
@@ -57,32 +64,73 @@ def _lookup(state: DroneState, slot: int, data: bytes) -> ValueReply:
 
 
 async def handle_get_many(state: DroneState, peer: PeerInfo, msg: GetMany) -> ValuesReply:
-    if len(msg.keys) > MAX_GET_MANY_KEYS:
-        raise BadRequest(f"get_many takes at most {MAX_GET_MANY_KEYS} keys")
-    wanted: list[tuple[int, bytes]] = []
-    for key in msg.keys:
-        data = check_key(key, state.limits.max_key_bytes)
-        check_permission(peer, key)
-        wanted.append((key_slot(key), data))
-    for slot in sorted({slot for slot, _ in wanted}):
+    reply = get_many_nowait(state, peer, msg)
+    if reply is not None:
+        return reply
+    for slot in sorted({key_slot(key) for key in msg.keys}):  # some slot is still loading
         await state.wait_serving(slot)
-    for slot in {slot for slot, _ in wanted}:  # re-check after the waits: all at one instant
-        state.table.check_serving(slot, state.now())
+    reply = _read_many(state, peer, msg.keys, defer_loading=False)
+    assert reply is not None  # defer_loading=False raises instead of returning None
+    return reply
+
+
+def get_many_nowait(state: DroneState, peer: PeerInfo, msg: GetMany) -> ValuesReply | None:
+    """`handle_get_many` without waiting: None when a slot of the keys is still loading (the
+    caller then awaits `handle_get_many`). Same checks, same errors, same answer."""
+    return _read_many(state, peer, msg.keys, defer_loading=True)
+
+
+def _read_many(
+    state: DroneState, peer: PeerInfo, keys: list[Key], *, defer_loading: bool
+) -> ValuesReply | None:
+    """Every key's (found, value, version), all read at one instant (no await): one pass over
+    the keys, each slot's ownership checked once. A loading slot gives None with
+    `defer_loading`, else UNAVAILABLE like any slot that cannot be served."""
+    if len(keys) > MAX_GET_MANY_KEYS:
+        raise BadRequest(f"get_many takes at most {MAX_GET_MANY_KEYS} keys")
+    table, store, now = state.table, state.store, state.now()
+    max_key_bytes = state.limits.max_key_bytes
+    restricted = bool(peer.permissions)
+    served: set[int] = set()
     items: list[tuple[bool, Any, int]] = []
     size_bytes = 0
-    for slot, data in wanted:
-        entry = state.store.get(slot, data)
+    for key in keys:
+        data, slot = check_key_slot(key, max_key_bytes)
+        if restricted:
+            check_permission(peer, key)
+        if slot not in served:
+            if defer_loading and table.status_of(slot) is SlotStatus.LOADING:
+                return None
+            table.check_serving(slot, now)
+            served.add(slot)
+        entry = store.get(slot, data)
         if entry is None:
-            items.append((False, None, 0))
+            items.append(_ABSENT)
             continue
-        size_bytes += len(codec.encode(entry[0]))
+        value = entry[0]
+        size_bytes += _encoded_size_bound(value)
         if size_bytes > MAX_GET_MANY_BYTES:
             raise TooLarge(
                 f"values of these keys exceed {MAX_GET_MANY_BYTES} bytes: ask for fewer at once",
                 detail={"limit": MAX_GET_MANY_BYTES},
             )
-        items.append((True, entry[0], entry[1]))
+        items.append((True, value, entry[1]))
     return ValuesReply(items=items)
+
+
+_ABSENT = (False, None, 0)
+
+# CBOR's longest head (type and length) of a byte or text string: 1 + an 8-byte length.
+_CBOR_STRING_HEAD_BYTES = 9
+
+
+def _encoded_size_bound(value: Any) -> int:
+    """At least the CBOR size of `value`, cheaply: a byte string's (or an ASCII text's) length
+    plus the longest head, without encoding it; other values are encoded and measured."""
+    kind = type(value)
+    if kind is bytes or (kind is str and value.isascii()):
+        return len(value) + _CBOR_STRING_HEAD_BYTES
+    return len(codec.encode(value))
 
 
 def _prefix_bytes(prefix: Key | None) -> bytes | None:

@@ -15,6 +15,8 @@ import trio
 from trio.testing import MockClock
 
 from keyval.drone import reads
+from keyval.drone.handlers import DroneHandler
+from keyval.drone.slots import SlotStatus
 from keyval.drone.state import Limits
 from keyval.keys import Key, canonical_key, key_slot
 from keyval.messages import (
@@ -94,6 +96,49 @@ async def test_get_many_across_held_slots(cluster: Cluster) -> None:
         (True, 2),
         (False, None),
     ]
+
+
+async def test_get_many_is_answered_inline_unless_a_slot_is_loading(cluster: Cluster) -> None:
+    await call(cluster, Put(key="{a}1", value=1, op_id=op()))
+    handler = DroneHandler(cluster.drone.state)
+    peer = PeerInfo(name="client", role="client")
+    served = cluster.drone.state.requests_served
+    reply = handler.handle_nowait(peer, GetMany(keys=["{a}1", "{b}none", "{a}1"]))
+    assert isinstance(reply, ValuesReply)
+    version = reply.items[0][2]
+    assert version > 0
+    assert reply.items == [(True, 1, version), (False, None, 0), (True, 1, version)]
+    assert cluster.drone.state.requests_served == served + 1
+    with pytest.raises(Moved):  # a key of a slot the drone does not hold fails the request
+        handler.handle_nowait(peer, GetMany(keys=["{a}1", "{c}x"]))
+    with pytest.raises(TooLarge):
+        handler.handle_nowait(peer, GetMany(keys=["{a}1", "x" * 100]))  # over max_key_bytes
+    table = cluster.drone.state.table
+    table._held[SLOT_B].status = SlotStatus.LOADING  # as while a reseed of {b} runs
+    assert handler.handle_nowait(peer, GetMany(keys=["{a}1", "{b}none"])) is None
+    assert handler.handle_nowait(peer, GetMany(keys=["{a}1"])) is not None
+    async with trio.open_nursery() as nursery:  # the awaited path answers once it loads
+        replies: list[Message] = []
+
+        async def ask() -> None:
+            replies.append(await call(cluster, GetMany(keys=["{a}1", "{b}none"])))
+
+        nursery.start_soon(ask)
+        await trio.sleep(0.05)
+        assert replies == []
+        assert table.mark_loaded(SLOT_B, table._held[SLOT_B].epoch)
+        cluster.drone.state.notify_loaded()
+    assert replies == [ValuesReply(items=[(True, 1, version), (False, None, 0)])]
+
+
+async def test_get_many_refuses_a_key_outside_the_principals_prefixes(cluster: Cluster) -> None:
+    peer = PeerInfo(name="limited", role="client", permissions=("{a}",))
+    handler = DroneHandler(cluster.drone.state)
+    assert isinstance(handler.handle_nowait(peer, GetMany(keys=["{a}1", "{a}2"])), ValuesReply)
+    with pytest.raises(Unauthorized):
+        handler.handle_nowait(peer, GetMany(keys=["{a}1", "{b}2"]))
+    with pytest.raises(Unauthorized):
+        handler.handle_nowait(peer, GetMany(keys=["{a}1", 7]))
 
 
 async def test_scan_prefix_and_paging_within_a_slot(cluster: Cluster) -> None:
