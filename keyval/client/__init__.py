@@ -8,8 +8,9 @@
             tx.put("{acct}:a", tx.get("{acct}:a", 0) - 5)
 
 Modules: `config` (client.toml), `policy` (backoff and deadline), `routing` (the slot map),
-`links` (connections), `router` (redirects and retries), `scanning`, `txn` (transactions),
-`aio` (the trio client), `blocking` (the thread-backed facade), `errors`.
+`links` (connections), `router` (redirects and retries), `autobatch` (concurrent gets
+sharing get_many requests), `scanning`, `txn` (transactions), `aio` (the trio client),
+`blocking` (the thread-backed facade), `errors`.
 """
 
 from __future__ import annotations

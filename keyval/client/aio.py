@@ -8,10 +8,11 @@ import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
+from keyval.client.autobatch import RETRY_ALONE, GetBatcher
 from keyval.client.checks import admit_ack, admit_key, admit_value, admit_version
 from keyval.client.config import ClientSettings, load_settings
 from keyval.client.errors import ClientClosed, DeadlineExceeded, NoOwner, TooManyConflicts
@@ -22,7 +23,7 @@ from keyval.client.routing import Route
 from keyval.client.scanning import Item, ScanCursor
 from keyval.client.twopc import DEFAULT_TIME_BOUND_MS
 from keyval.client.txn import ABSENT, OP_ID_BYTES, AsyncTransaction, Entry
-from keyval.keys import key_slot
+from keyval.keys import check_key_slot, key_slot
 from keyval.messages import (
     CompareAndSet,
     Delete,
@@ -74,10 +75,24 @@ class _GetManyRound:
 class AsyncClient:
     """A connection to a keyval cluster for one trio task tree. See the package docstring."""
 
-    def __init__(self, router: Router, *, ack: str) -> None:
+    def __init__(self, router: Router, *, ack: str, autobatch: bool = True) -> None:
         self._router = router
         self.ack = admit_ack(ack)
         self._closed = False
+        # Concurrent gets share GetMany requests (keyval.client.autobatch); None: off.
+        self._batcher = GetBatcher(router) if autobatch else None
+        self._gets_in_flight = 0
+
+    @property
+    def autobatch(self) -> bool:
+        return self._batcher is not None
+
+    def statistics(self) -> dict[str, int]:
+        """Gets in flight and, with auto-batching, the batches and keys sent so far."""
+        stats = {"gets_in_flight": self._gets_in_flight}
+        if self._batcher is not None:
+            stats.update(self._batcher.statistics())
+        return stats
 
     @property
     def router(self) -> Router:
@@ -101,9 +116,37 @@ class AsyncClient:
         return default if entry.version == 0 else entry.value
 
     async def get_entry(self, key: Key) -> Entry:
-        """(value, version) of `key`; (None, 0) when it is absent."""
-        admit_key(key)
-        reply = _expect(await self._call(key, Get(key=key)), ValueReply)
+        """(value, version) of `key`; (None, 0) when it is absent.
+
+        With auto-batching on (the default), a get issued while other gets of this client are
+        in flight joins them in a GetMany to its drone (keyval.client.autobatch); a lone get
+        is sent as it is."""
+        data, slot = check_key_slot(key)
+        self._check_open()
+        table = self._router.table
+        batcher = self._batcher
+        if batcher is None or self._gets_in_flight == 0 or table is None:
+            return await self._get_alone(key, slot, None)
+        route = table.route(slot)
+        if route is None:
+            return await self._get_alone(key, slot, None)
+        deadline = trio.current_time() + self._router.policy.deadline_s
+        self._gets_in_flight += 1
+        try:
+            entry = await batcher.get(route, key, len(data), deadline)
+        finally:
+            self._gets_in_flight -= 1
+        if entry is RETRY_ALONE:  # the batch failed: this key's own get finds its own answer
+            attempts = Attempts(self._router.policy, deadline=deadline)
+            return await self._get_alone(key, slot, attempts)
+        return cast(Entry, entry)
+
+    async def _get_alone(self, key: Key, slot: int, attempts: Attempts | None) -> Entry:
+        self._gets_in_flight += 1
+        try:
+            reply = _expect(await self._router.call(slot, Get(key=key), attempts), ValueReply)
+        finally:
+            self._gets_in_flight -= 1
         return Entry(reply.value, reply.version) if reply.found else ABSENT
 
     async def get_many(self, keys: Iterable[Key]) -> dict[Key, Any]:
@@ -337,7 +380,7 @@ def client_from_settings(
         policy=policy,
         rng=rng or random.Random(),
     )
-    return AsyncClient(router, ack=settings.ack)
+    return AsyncClient(router, ack=settings.ack, autobatch=settings.autobatch)
 
 
 def ticket_dialer(settings: ClientSettings) -> Dialer:
@@ -354,12 +397,16 @@ async def aconnect(
     dialer: Dialer | None = None,
     policy: RetryPolicy | None = None,
     rng: random.Random | None = None,
+    autobatch: bool | None = None,
 ) -> AsyncIterator[AsyncClient]:
     """`async with aconnect(path) as kv:` — path of a client config, else $KEYVAL_CONFIG.
 
     `dialer` replaces ticket login (tests use a pre-shared key); `rng` drives the backoff
-    jitter (seed it for a reproducible run)."""
+    jitter (seed it for a reproducible run); `autobatch` overrides the config's (on unless
+    the config says `autobatch = false`)."""
     settings = config if isinstance(config, ClientSettings) else load_settings(config)
+    if autobatch is not None:
+        settings = dataclasses.replace(settings, autobatch=autobatch)
     dialer = dialer or ticket_dialer(settings)
     client = client_from_settings(settings, dialer, policy=policy, rng=rng)
     try:

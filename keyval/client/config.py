@@ -8,6 +8,8 @@ Keys the client reads beyond the identity keys (name, key, authority, authority_
   local cluster's naming.
 - `ack`: "durable" (the default) or "memory", the default ack mode of writes.
 - `deadline_s`: the overall deadline of one call, retries included (default 10 s).
+- `autobatch`: true (the default) or false: whether concurrent gets of one client share
+  GetMany requests (keyval.client.autobatch).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class ClientSettings:
     commanders: tuple[Endpoint, ...]
     ack: str = ACK_DURABLE
     deadline_s: float = DEFAULT_DEADLINE_S
+    autobatch: bool = True  # concurrent gets share GetMany requests
     identity: NodeOptions | None = None  # None when the dialer is built by the caller
 
 
@@ -74,10 +77,14 @@ def settings_from_options(options: NodeOptions) -> ClientSettings:
     deadline_s = options.get("deadline_s", DEFAULT_DEADLINE_S)
     if type(deadline_s) not in (int, float) or not deadline_s > 0:
         raise ConfigError(f"deadline_s must be a positive number, not {deadline_s!r}")
+    autobatch = options.get("autobatch", True)
+    if type(autobatch) is not bool:
+        raise ConfigError(f"autobatch must be true or false, not {autobatch!r}")
     return ClientSettings(
         commanders=parse_commanders(options.get("commanders"), options.get("commander_names")),
         ack=check_ack(options.get("ack", ACK_DURABLE)),
         deadline_s=float(deadline_s),
+        autobatch=autobatch,
         identity=options,
     )
 

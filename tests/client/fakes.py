@@ -3,7 +3,9 @@ keyval messages over keyval.net connections on memory streams (PSK-authenticated
 
 The drones keep data in a dict and check ownership against the fake's slot assignment, so
 MOVED is what a real drone would say. `inject(address, error, count)` makes a drone answer the
-next `count` requests with an error, to drive the retry paths.
+next `count` requests with an error, to drive the retry paths; `refused[canonical key]` fails
+every get or get_many that reads that key (as a drone refuses a key outside a principal's
+prefixes); `gates[address]` holds that drone's requests until the event is set.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class FakeCluster:
         self.version_counter = 0
         self.dials = 0
         self.renamed: dict[str, str] = {}
+        self.refused: dict[bytes, ServiceError] = {}  # canonical key -> error for any read of it
+        self.gates: dict[str, trio.Event] = {}  # address -> requests wait until it is set
 
     # ------------------------------------------------------------ test controls
 
@@ -130,6 +134,9 @@ class FakeCluster:
     def handler_for(self, original: str) -> net.Handler:
         async def handle(peer: PeerInfo, msg: Message) -> Message:
             address = self.renamed.get(original, original)
+            gate = self.gates.get(address)
+            if gate is not None:
+                await gate.wait()
             queued = self.injected.get(address)
             if queued:
                 raise queued.pop(0)
@@ -166,6 +173,11 @@ class FakeCluster:
                 },
             )
 
+    def _check_refused(self, key: Any) -> None:
+        error = self.refused.get(canonical_key(key))
+        if error is not None:
+            raise error
+
     def _next_version(self) -> int:
         self.version_counter += 1
         return self.version_counter
@@ -183,6 +195,7 @@ class FakeCluster:
     def _drone_reply(self, drone: FakeDrone, msg: Message) -> Message:
         if isinstance(msg, Get):
             self._check_owner(drone, msg.key)
+            self._check_refused(msg.key)
             found = drone.data.get(canonical_key(msg.key))
             if found is None:
                 return ValueReply(found=False)
@@ -191,6 +204,7 @@ class FakeCluster:
             items: list[tuple[bool, Any, int]] = []
             for key in msg.keys:
                 self._check_owner(drone, key)
+                self._check_refused(key)
                 entry = drone.data.get(canonical_key(key))
                 items.append((True, entry[1], entry[2]) if entry else (False, None, 0))
             return ValuesReply(items=items)

@@ -40,6 +40,9 @@ def test_load_settings_reads_ack_and_deadline(tmp_path: Path) -> None:
     path.write_text(IDENTITY + 'commanders = ["h:1"]\nack = "memory"\ndeadline_s = 2\n')
     settings = load_settings(path)
     assert settings.ack == "memory" and settings.deadline_s == 2.0
+    assert settings.autobatch is True  # auto-batching of concurrent gets is on by default
+    path.write_text(IDENTITY + 'commanders = ["h:1"]\nautobatch = false\n')
+    assert load_settings(path).autobatch is False
     assert settings.identity is not None and settings.identity.key == tmp_path / "c.key"
 
 
@@ -50,7 +53,9 @@ def test_ack_defaults_to_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert load_settings(None).ack == "durable"
 
 
-@pytest.mark.parametrize("extra", ['ack = "fast"\n', "deadline_s = 0\n", 'deadline_s = "x"\n'])
+@pytest.mark.parametrize(
+    "extra", ['ack = "fast"\n', "deadline_s = 0\n", 'deadline_s = "x"\n', 'autobatch = "no"\n']
+)
 def test_bad_settings_are_refused(tmp_path: Path, extra: str) -> None:
     path = tmp_path / "client.toml"
     path.write_text(IDENTITY + 'commanders = ["h:1"]\n' + extra)
