@@ -163,6 +163,7 @@ def worker_specs(
     config: str = "",
     host: str = "",
     port: int = 0,
+    autobatch: bool = True,
 ) -> list[WorkerSpec]:
     """Connections and preloaded keys split evenly over the processes."""
     specs = []
@@ -184,6 +185,7 @@ def worker_specs(
                 config=config,
                 host=host,
                 port=port,
+                autobatch=autobatch,
             )
         )
     return specs

@@ -69,6 +69,7 @@ class WorkerSpec:
     config: str = ""  # keyval: client.toml
     host: str = ""  # redis, etcd
     port: int = 0
+    autobatch: bool = True  # keyval: concurrent gets of a connection share get_many requests
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -108,7 +109,9 @@ async def open_sessions(spec: WorkerSpec) -> AsyncIterator[list[Session]]:
             from keyval.client import aconnect
 
             for _ in range(spec.connections):
-                client = await stack.enter_async_context(aconnect(spec.config))
+                client = await stack.enter_async_context(
+                    aconnect(spec.config, autobatch=spec.autobatch)
+                )
                 per_connection.append(KeyvalSession(client, ack=keyval_ack(spec.workload)))
         elif spec.target == "redis":
             sockets = spec.connections

@@ -44,6 +44,7 @@ class BenchOptions:
     redis_benchmark: bool
     profile: bool
     failover: bool
+    autobatch: bool = True  # keyval's client batches concurrent gets (its default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", help="db backend URL for the cluster started (SQLite)")
     parser.add_argument(
         "--no-redis-benchmark", action="store_true", help="skip the redis-benchmark upper bound"
+    )
+    parser.add_argument(
+        "--no-autobatch",
+        action="store_true",
+        help="keyval's client sends every get alone (by default it auto-batches the concurrent "
+        "gets of one connection into get_many requests: the pipelined get rows say so)",
     )
     parser.add_argument(
         "--profile",
@@ -160,6 +167,7 @@ def check_options(args: argparse.Namespace) -> BenchOptions:
         redis_benchmark=not args.no_redis_benchmark,
         profile=args.profile,
         failover=args.failover,
+        autobatch=not args.no_autobatch,
     )
 
 

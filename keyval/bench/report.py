@@ -22,7 +22,16 @@ from keyval.bench.errors import BenchError
 
 Row = dict[str, Any]
 
-SHAPE_FIELDS = ("system", "workload", "connections", "pipeline", "value_bytes", "keys", "drones")
+SHAPE_FIELDS = (
+    "system",
+    "workload",
+    "connections",
+    "pipeline",
+    "batching",
+    "value_bytes",
+    "keys",
+    "drones",
+)
 MEMORY_SHAPE_FIELDS = ("system", "keys")
 FAILOVER_SHAPE_FIELDS = ("event", "keys")
 SYSTEM_ORDER = ("keyval", "redis", "redis-rss", "redis-benchmark", "etcd")  # within one shape
@@ -53,6 +62,21 @@ def _ratio(row: Row, name: str = "vs_redis") -> str:
     return f"{value:.2f}x" if isinstance(value, (int, float)) else ""
 
 
+def batching(row: Row) -> str:
+    """How the row's requests in flight on one connection travelled: "auto-batched" (keyval's
+    client joined concurrent gets into get_many requests), "pipelined" (one request each), or
+    "" with one in flight. Rows written before the field was kept were pipelined."""
+    value = row.get("batching")
+    if isinstance(value, str):
+        return value
+    return "pipelined" if row.get("pipeline", 1) != 1 else ""
+
+
+def _depth(row: Row) -> str:
+    how = batching(row)
+    return f"{row['connections']} x {row['pipeline']}" + (f" {how}" if how else "")
+
+
 def _rate(row: Row) -> str:
     value = row.get("ops_per_s")
     return f"{value:,.0f}" if isinstance(value, (int, float)) else "-"
@@ -81,7 +105,7 @@ def throughput_cells(row: Row) -> list[str]:
     return [
         str(row["system"]),
         str(row["workload"]),
-        f"{row['connections']} x {row['pipeline']}",
+        _depth(row),
         _rate(row),
         _ms(row, "p50_ms"),
         _ms(row, "p99_ms"),
@@ -243,6 +267,7 @@ def machine() -> dict[str, Any]:
 HOW_TO_RUN = """\
 ```
 scripts/bench --workload get --connections 32 --vs redis --markdown   # starts a 3-drone cluster
+scripts/bench --workload get --connections 8 --pipeline 64 --vs redis --markdown  # 512 in flight
 scripts/bench --workload put --connections 64 --vs redis --markdown   # durable puts
 scripts/bench --workload mixed --vs redis --markdown                  # 90 % get, 10 % put
 scripts/bench --workload txn-local --vs redis --markdown              # 2-key read-modify-write
@@ -262,6 +287,13 @@ RESP client over trio sockets), `--connections` split among them and `--pipeline
 flight per connection. Each run warms up (`--warmup`), then measures for `--seconds`. Server
 CPU is utime + stime from /proc of every process in the cluster's nodes.json (or of
 redis-server) over the measured window, divided by the operations completed in it.
+
+With `--pipeline` above 1 the depth column says how the requests in flight travelled. keyval's
+client library auto-batches by default: the gets that the tasks sharing one client issue while
+others are in flight are joined, per drone, into `kv.get_many` requests
+(keyval/client/autobatch.py), so a `get` row at depth 64 reads `auto-batched`;
+`--no-autobatch` sends each get alone (`pipelined`, as every other keyval workload and Redis,
+whose client pipelines one GET per command; redis-benchmark's rows use `-P`).
 
 Redis runs `put`, `mixed` and `txn-local` with `appendonly yes` and `appendfsync always`
 (durable, as keyval's default ack is) and `get` and `put-memory` with persistence off;
@@ -318,7 +350,7 @@ def _load_document(path: Path) -> tuple[dict[str, Any], str]:
 
 def _merge(old: list[Row], new: list[Row], fields: tuple[str, ...]) -> list[Row]:
     def shape(row: Row) -> tuple[str, ...]:
-        return tuple(str(row.get(name)) for name in fields)
+        return tuple(batching(row) if name == "batching" else str(row.get(name)) for name in fields)
 
     def order(row: Row) -> tuple[Any, ...]:
         system = str(row.get("system"))
@@ -386,8 +418,7 @@ def render_markdown(data: dict[str, Any], analysis: str) -> str:
     for row in data["throughput"]:
         if isinstance(row.get("drone_profile"), list):
             parts.append(
-                f"py-spy profile of drone-1 under `{row['workload']}`, "
-                f"{row['connections']} x {row['pipeline']} (`--profile`):"
+                f"py-spy profile of drone-1 under `{row['workload']}`, {_depth(row)} (`--profile`):"
             )
             parts += ["", "```", *map(str, row["drone_profile"]), "```", ""]
     parts += [ANALYSIS_START, analysis, ANALYSIS_END, ""]

@@ -37,6 +37,8 @@ from keyval.bench.workloads import PRELOADED
 REDIS_DURABLE = ("put", "mixed", "txn-local", "txn-cross")
 # What the etcd load generator drives: single-key gets and puts (puts are always durable there).
 ETCD_WORKLOADS = ("get", "put", "mixed")
+# Workloads whose gets keyval's client auto-batches when several are in flight per connection.
+AUTOBATCHED_WORKLOADS = ("get", "mixed")
 MEMORY_VALUE_BYTES = 32  # the issue's memory shape: 16-byte keys, 32-byte values
 # After a bulk load, RSS is read once it has settled (write-behind buffers drained).
 SETTLE_INTERVAL_S = 0.5
@@ -70,12 +72,24 @@ def work_folder(options: BenchOptions) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def batching(options: BenchOptions, system: str) -> str:
+    """How the requests in flight on one connection travel, so a row says what it measures:
+    keyval's client auto-batches concurrent gets into get_many requests (unless
+    --no-autobatch); everything else, and Redis always, is pipelined one command each."""
+    if options.pipeline == 1:
+        return ""
+    if system == "keyval" and options.autobatch and options.workload in AUTOBATCHED_WORKLOADS:
+        return "auto-batched"
+    return "pipelined"
+
+
 def _shape(options: BenchOptions, system: str) -> Row:
     return {
         "system": system,
         "workload": options.workload,
         "connections": options.connections,
         "pipeline": options.pipeline,
+        "batching": batching(options, system),
         "keys": options.keys,
         "value_bytes": options.value_bytes,
         "drones": options.drones if system == "keyval" else None,
@@ -130,6 +144,7 @@ def run_keyval(options: BenchOptions, handle: ClusterHandle, outcome: Outcome) -
         value_bytes=options.value_bytes,
         preload=options.workload in PRELOADED,
         config=str(handle.client_config),
+        autobatch=options.autobatch,
     )
     cpu_hook = _cpu_hook(handle.processes())
     profiler = _profiler(options, handle, outcome)

@@ -26,6 +26,7 @@ from keyval.bench.redisserver import parse_redis_benchmark_csv
 from keyval.bench.report import render_markdown, update_markdown
 from keyval.bench.resp import NEED_DATA, RespError, RespParser, encode_command
 from keyval.bench.respclient import RespConnection
+from keyval.bench.runner import batching
 
 # ------------------------------------------------------------------ histogram
 
@@ -232,6 +233,20 @@ def test_default_options() -> None:
     assert (options.workload, options.connections, options.pipeline) == ("get", 32, 1)
     assert options.versus == ("redis",)
     assert options.markdown == Path("BENCHMARKS.md")
+    assert options.autobatch is True
+    assert parse_options(["--no-autobatch"]).autobatch is False
+
+
+def test_pipelined_rows_say_whether_keyval_auto_batched() -> None:
+    pipelined = parse_options(["--pipeline", "64", "--connections", "8"])
+    assert batching(pipelined, "keyval") == "auto-batched"
+    assert batching(pipelined, "redis") == "pipelined"
+    assert batching(pipelined, "redis-benchmark") == "pipelined"
+    plain = parse_options(["--pipeline", "64", "--connections", "8", "--no-autobatch"])
+    assert batching(plain, "keyval") == "pipelined"
+    puts = parse_options(["--pipeline", "64", "--connections", "8", "--workload", "put"])
+    assert batching(puts, "keyval") == "pipelined"  # only gets are auto-batched
+    assert batching(parse_options([]), "keyval") == ""  # one in flight: nothing to say
 
 
 def test_share_splits_evenly_and_covers_everything() -> None:
@@ -307,6 +322,21 @@ def test_markdown_rows_are_replaced_by_shape_and_analysis_kept(tmp_path: Path) -
     assert "2,000" in text and "1,000" not in text and "4,000" in text
     assert "Drones spend it in the codec." in text
     assert "nproc" in text
+
+
+def test_markdown_depth_says_how_requests_travelled(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    legacy = {**_row("keyval", 1000.0), "pipeline": 64}  # written before rows said how
+    update_markdown(path, [legacy], [])
+    assert "| 32 x 64 pipelined | 1,000 |" in path.read_text()
+    batched = {**_row("keyval", 5000.0), "pipeline": 64, "batching": "auto-batched"}
+    update_markdown(path, [batched], [])
+    text = path.read_text()  # another shape: both rows stay
+    assert "| 32 x 64 pipelined | 1,000 |" in text and "| 32 x 64 auto-batched | 5,000 |" in text
+    update_markdown(path, [{**legacy, "ops_per_s": 2000.0, "batching": "pipelined"}], [])
+    text = path.read_text()  # the same shape as the legacy row: replaced
+    assert "1,000" not in text and "| 32 x 64 pipelined | 2,000 |" in text
+    assert "| 32 x 1 | 1,000 |" not in text
 
 
 def test_markdown_with_a_broken_data_block_is_not_overwritten(tmp_path: Path) -> None:
