@@ -12,9 +12,10 @@ import sys
 import threading
 
 import pytest
+import trio
 
 import keyval
-from keyval.keys import key_slot
+from keyval.keys import Key, key_slot
 from tests.e2e.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
@@ -177,6 +178,38 @@ def test_bad_input_gets_typed_errors(cluster: LocalCluster) -> None:
         with pytest.raises(keyval.TooLarge):
             kv.put("big", b"x" * (600 * 1024))
         assert kv.get("big") is None
+
+
+def test_concurrent_gets_are_auto_batched_per_drone(cluster: LocalCluster) -> None:
+    """Many tasks on one trio client: their gets share get_many requests to the real drones
+    (str, bytes and int keys, present and absent), each task gets its own value."""
+    keys: list[Key] = [f"batched-{i}" for i in range(150)]
+    keys += [b"raw-%d" % i for i in range(50)]
+    keys += list(range(10_000, 10_050))
+    with keyval.connect(cluster.client_config) as kv:
+        for key in keys[::2]:
+            kv.put(key, ["value", key])
+    expected = {key: ["value", key] if index % 2 == 0 else None for index, key in enumerate(keys)}
+
+    async def read_all(autobatch: bool) -> tuple[dict[object, object], dict[str, int]]:
+        got: dict[object, object] = {}
+        async with keyval.aconnect(cluster.client_config, autobatch=autobatch) as kv:
+
+            async def read(key: Key) -> None:
+                got[key] = await kv.get(key)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for key in keys:
+                        nursery.start_soon(read, key)
+            return got, kv.statistics()
+
+    batched, stats = trio.run(read_all, True)
+    assert batched == expected
+    assert stats["keys_sent"] >= len(keys) - 1  # all but the first, which found none in flight
+    assert stats["batches_sent"] < stats["keys_sent"] / 4
+    alone, plain_stats = trio.run(read_all, False)
+    assert alone == expected and "batches_sent" not in plain_stats
 
 
 def test_cli_one_shots(cluster: LocalCluster) -> None:
