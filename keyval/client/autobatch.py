@@ -87,13 +87,12 @@ class _Waiter:
 class _DroneQueue:
     """The gets waiting for one drone, and how many batches to it are in flight."""
 
-    __slots__ = ("batches_sent", "keys_sent", "senders", "waiters")
+    __slots__ = ("address", "senders", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, address: str) -> None:
+        self.address = address
         self.waiters: list[_Waiter] = []
         self.senders = 0
-        self.batches_sent = 0
-        self.keys_sent = 0
 
 
 class GetBatcher:
@@ -104,7 +103,9 @@ class GetBatcher:
             raise ValueError(f"max_batch_keys must be 1..{MAX_BATCH_KEYS}")
         self._router = router
         self._max_batch_keys = max_batch_keys
-        self._queues: dict[str, _DroneQueue] = {}
+        self._queues: dict[str, _DroneQueue] = {}  # by drone address, while in use
+        self.batches_sent = 0
+        self.keys_sent = 0
 
     async def get(self, route: Route, key: Key, key_bytes: int, deadline: float) -> Any:
         """`key`'s Entry from its owner `route`, read in a batch with the other gets queued
@@ -112,7 +113,7 @@ class GetBatcher:
         `key_bytes` is its canonical size, `deadline` the caller's (trio clock)."""
         queue = self._queues.get(route.address)
         if queue is None:
-            queue = self._queues[route.address] = _DroneQueue()
+            queue = self._queues[route.address] = _DroneQueue(route.address)
         waiter = _Waiter(key, key_bytes, deadline)
         queue.waiters.append(waiter)
         sender = queue.senders < MAX_BATCHES_IN_FLIGHT
@@ -176,6 +177,8 @@ class GetBatcher:
                 trio.lowlevel.reschedule(task, outcome.Value(_BECOME_SENDER))
                 return  # the sender count passes to it
         queue.senders -= 1
+        if queue.senders == 0 and not queue.waiters:
+            del self._queues[queue.address]  # idle: a drone that left leaves nothing behind
 
     async def _send(
         self, queue: _DroneQueue, route: Route, batch: list[_Waiter], me: _Waiter
@@ -200,8 +203,8 @@ class GetBatcher:
                 waiter.taken = False
             queue.waiters[:0] = unanswered
             raise
-        queue.batches_sent += 1
-        queue.keys_sent += len(batch)
+        self.batches_sent += 1
+        self.keys_sent += len(batch)
         for waiter, answer in zip(batch, answers, strict=True):
             waiter.done = answer
             task = waiter.task
@@ -217,11 +220,12 @@ class GetBatcher:
             table.apply_moved(error.detail)
 
     def statistics(self) -> dict[str, int]:
-        """Batches and keys sent, gets queued now, across drones."""
+        """Batches and keys sent; gets queued now and drones with gets under way."""
         return {
-            "batches_sent": sum(q.batches_sent for q in self._queues.values()),
-            "keys_sent": sum(q.keys_sent for q in self._queues.values()),
-            "queued": sum(len(q.waiters) for q in self._queues.values()),
+            "batches_sent": self.batches_sent,
+            "keys_sent": self.keys_sent,
+            "queued": sum(len(queue.waiters) for queue in self._queues.values()),
+            "drones": len(self._queues),
         }
 
 

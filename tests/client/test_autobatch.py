@@ -121,6 +121,7 @@ async def test_concurrent_gets_share_get_many_requests(
     stats = kv.statistics()
     assert stats["keys_sent"] > stats["batches_sent"] > 0
     assert stats["gets_in_flight"] == 0 and stats["queued"] == 0
+    assert stats["drones"] == 0  # idle queues are dropped
 
 
 async def test_a_lone_get_is_sent_as_a_plain_get(kv: AsyncClient, cluster: FakeCluster) -> None:
