@@ -166,7 +166,20 @@ def check_key(key: object, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES) -> bytes:
 
 def check_key_slot(key: object, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES) -> tuple[bytes, int]:
     """`check_key` and `key_slot` in one pass (the key is admitted and encoded once): the
-    canonical form and the hash slot. For the per-key loops of batched reads."""
+    canonical form and the hash slot. For the per-key loops of batched reads; plain str and
+    bytes keys take a short path, anything else (and every refusal) goes through check_key."""
+    payload: bytes | None = None
+    if type(key) is str:
+        try:
+            payload, prefix = key.encode("utf-8"), TYPE_STR
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: check_key below raises the BadRequest
+    elif type(key) is bytes:
+        payload, prefix = key, TYPE_BYTES
+    if payload is not None:
+        data = prefix + payload
+        if len(data) <= max_key_bytes:
+            return data, binascii.crc_hqx(hash_tag_part(payload), 0) % NUM_SLOTS
     data = check_key(key, max_key_bytes)
     if data[0] == _TYPE_INT_BYTE:
         hashed = str(key).encode("ascii")

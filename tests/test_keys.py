@@ -78,6 +78,13 @@ def test_check_key_slot_follows_hash_tags_and_refuses_like_check_key() -> None:
     assert check_key_slot("{user:1}:name")[1] == key_slot("user:1")
     assert check_key_slot(b"{user:1}:x")[1] == key_slot(b"user:1")
     assert check_key_slot(-12)[1] == key_slot(-12)
+
+    class Name(str):
+        pass
+
+    assert check_key_slot(Name("{a}b")) == (check_key("{a}b"), key_slot("a"))
+    with pytest.raises(BadRequest):
+        check_key_slot("\ud800")
     with pytest.raises(BadRequest):
         check_key_slot(True)
     with pytest.raises(TooLarge):
