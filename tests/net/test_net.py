@@ -456,6 +456,42 @@ async def test_failed_write_fails_the_reader_and_every_waiter_at_once(
         await conn.aclose()
 
 
+async def test_failed_write_over_tcp_wakes_the_reader_waiting_on_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over TCP the reader waits on the socket with no cancel scope of its own; a write that
+    fails in another task must still wake it (and every waiter) at once."""
+    failures: list[Unavailable] = []
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve, "127.0.0.1:0", server_auth, App())
+        with trio.fail_after(10):  # well before the 30 s request deadline
+            conn = await open_connection(address, client_auth(), timeout=5)
+            direct = conn._link.direct
+            assert direct is not None  # the TCP path, not a wrapped stream
+
+            async def waiter() -> None:
+                try:
+                    await conn.request(Block())
+                except Unavailable as error:
+                    failures.append(error)
+
+            async with trio.open_nursery() as waiters:
+                for _ in range(5):
+                    waiters.start_soon(waiter)
+                while conn.statistics()["frames_sent"] < 5 or not conn._reading:
+                    await trio.sleep(0.01)
+
+                def reset(data: memoryview) -> int:
+                    raise ConnectionResetError("connection reset by peer")
+
+                monkeypatch.setattr(direct, "send_nowait", reset)
+                with pytest.raises(Unavailable, match="connection reset"):
+                    await conn.request(Ping())
+            assert len(failures) == 5
+            await conn.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_handler_can_close_the_connection(autojump_clock: trio.abc.Clock) -> None:
     app = App()
     async with memory_connection(app) as (conn, _):
