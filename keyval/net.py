@@ -366,7 +366,13 @@ class _Pending:
     def __init__(self) -> None:
         self.reply: Message | None = None
         self.error: WireError | None = None
-        self.wake = trio.Event()
+        # Set while the request's task waits for the reader to answer it or hand it the
+        # reader role; a request that reads its own reply (the usual case) never needs one.
+        self.wake: trio.Event | None = None
+
+    def wake_up(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
 
     @property
     def done(self) -> bool:
@@ -467,8 +473,11 @@ class Connection:
     async def _wait_reply(self, slot: _Pending) -> None:
         while not slot.done:
             if self._reader_active:
-                await slot.wake.wait()
                 slot.wake = trio.Event()
+                try:
+                    await slot.wake.wait()
+                finally:
+                    slot.wake = None
                 continue
             self._reader_active = True
             try:
@@ -479,8 +488,8 @@ class Connection:
                 self._hand_over_reading(slot)
 
     def _hand_over_reading(self, leaving: _Pending) -> None:
-        for other in self._pending.values():
-            if other is not leaving and not other.done:
+        for other in self._pending.values():  # one that waits; the others check on their own
+            if other is not leaving and not other.done and other.wake is not None:
                 other.wake.set()
                 return
 
@@ -529,7 +538,7 @@ class Connection:
         slot = self._pending.get(rid)
         if slot is not None:
             slot.reply = reply
-            slot.wake.set()
+            slot.wake_up()
         elif rid >= self._next_rid or rid == 0:
             raise RemoteProtocolError(f"reply to request id {rid}, which was never sent")
         # else: the reply to a request that timed out; nobody waits for it.
@@ -542,7 +551,7 @@ class Connection:
         for slot in self._pending.values():
             if not slot.done:
                 slot.error = Unavailable(error.message)
-                slot.wake.set()
+                slot.wake_up()
 
     async def aclose(self) -> None:
         if self._closed:

@@ -427,6 +427,32 @@ class FlakyStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
+async def test_a_reader_that_times_out_hands_reading_to_a_waiting_request(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The first request reads for everyone; when it gives up, a request still waiting takes
+    over the reading, so its own reply (arriving later) still reaches it."""
+    async with memory_connection(App()) as (conn, _):
+        finished: dict[str, float] = {}
+
+        async def reader() -> None:
+            with pytest.raises(Timeout):
+                await conn.request(Block(), timeout=1.0)
+            finished["reader"] = trio.current_time()
+
+        async def waiter() -> None:
+            assert await conn.request(Echo("late", delay_s=2.0), timeout=10.0) == Echo("late")
+            finished["waiter"] = trio.current_time()
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.1)  # the first request holds the reader role
+            nursery.start_soon(waiter)
+        assert finished["reader"] - start == pytest.approx(1.0, abs=0.01)
+        assert finished["waiter"] - start == pytest.approx(2.1, abs=0.01)  # not at its deadline
+
+
 async def test_failed_write_fails_the_reader_and_every_waiter_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
