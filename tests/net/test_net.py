@@ -102,6 +102,14 @@ class App:
         return Ok()
 
 
+async def block_until_unavailable(conn: Connection, failures: list[Unavailable]) -> None:
+    """A request the server never answers; the Unavailable it ends with goes to `failures`."""
+    try:
+        await conn.request(Block())
+    except Unavailable as error:
+        failures.append(error)
+
+
 @asynccontextmanager
 async def memory_connection(
     app: App, **server_options: Any
@@ -175,7 +183,7 @@ async def test_connection_loss_fails_every_waiting_request(
 ) -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     app = App()
-    failures: list[BaseException] = []
+    failures: list[Unavailable] = []
     async with trio.open_nursery() as nursery:
         server_scope = trio.CancelScope()
 
@@ -186,15 +194,9 @@ async def test_connection_loss_fails_every_waiting_request(
         nursery.start_soon(run_server)
         conn = await Connection.from_stream(client_stream, client_auth())
 
-        async def waiter() -> None:
-            try:
-                await conn.request(Block())
-            except Unavailable as error:
-                failures.append(error)
-
         async with trio.open_nursery() as waiters:
             for _ in range(20):
-                waiters.start_soon(waiter)
+                waiters.start_soon(block_until_unavailable, conn, failures)
             await trio.sleep(1)
             assert app.active == 20
             server_scope.cancel()  # the server goes away: its stream closes without a close
@@ -464,16 +466,10 @@ async def test_failed_write_fails_the_reader_and_every_waiter_at_once(
         nursery.start_soon(serve_stream, server_stream, server_auth(), app)
         conn = await Connection.from_stream(flaky, client_auth())
 
-        async def waiter() -> None:
-            try:
-                await conn.request(Block())
-            except Unavailable as error:
-                failures.append(error)
-
         with trio.fail_after(5):  # well before the 30 s request deadline
             async with trio.open_nursery() as waiters:
                 for _ in range(5):
-                    waiters.start_soon(waiter)
+                    waiters.start_soon(block_until_unavailable, conn, failures)
                 await trio.sleep(1)
                 flaky.fail_writes = True
                 with pytest.raises(Unavailable, match="connection reset"):
@@ -495,15 +491,9 @@ async def test_failed_write_over_tcp_wakes_the_reader_waiting_on_the_socket(
             direct = conn._link.direct
             assert direct is not None  # the TCP path, not a wrapped stream
 
-            async def waiter() -> None:
-                try:
-                    await conn.request(Block())
-                except Unavailable as error:
-                    failures.append(error)
-
             async with trio.open_nursery() as waiters:
                 for _ in range(5):
-                    waiters.start_soon(waiter)
+                    waiters.start_soon(block_until_unavailable, conn, failures)
                 while conn.statistics()["frames_sent"] < 5 or not conn._reading:
                     await trio.sleep(0.01)
 
