@@ -366,7 +366,13 @@ class _Pending:
     def __init__(self) -> None:
         self.reply: Message | None = None
         self.error: WireError | None = None
-        self.wake = trio.Event()
+        # Set while the request's task waits for the reader to answer it or hand it the
+        # reader role; a request that reads its own reply (the usual case) never needs one.
+        self.wake: trio.Event | None = None
+
+    def wake_up(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
 
     @property
     def done(self) -> bool:
@@ -383,6 +389,7 @@ class Connection:
         self._next_rid = 1
         self._reader_active = False
         self._read_scope: trio.CancelScope | None = None
+        self._reading = False  # the reader waits on a direct socket (no scope: see _read_once)
         self._closed = False
 
     @classmethod
@@ -466,8 +473,11 @@ class Connection:
     async def _wait_reply(self, slot: _Pending) -> None:
         while not slot.done:
             if self._reader_active:
-                await slot.wake.wait()
                 slot.wake = trio.Event()
+                try:
+                    await slot.wake.wait()
+                finally:
+                    slot.wake = None
                 continue
             self._reader_active = True
             try:
@@ -478,8 +488,8 @@ class Connection:
                 self._hand_over_reading(slot)
 
     def _hand_over_reading(self, leaving: _Pending) -> None:
-        for other in self._pending.values():
-            if other is not leaving and not other.done:
+        for other in self._pending.values():  # one that waits; the others check on their own
+            if other is not leaving and not other.done and other.wake is not None:
                 other.wake.set()
                 return
 
@@ -501,21 +511,34 @@ class Connection:
                 else:
                     raise RemoteProtocolError(f"unexpected {type(event).__name__}")
             if not slot.done:
-                with trio.CancelScope() as self._read_scope:  # _fail_all may cut it short
-                    await self._link.receive()
-                self._read_scope = None
+                await self._receive()
         except WireError as error:
             if not isinstance(error, Unavailable):
                 self._link.queue(self._link.channel.close(error.message, error.code.value))
                 await self._link.farewell()
             self._fail_all(self._link.fail(f"connection failed: {error.message}"))
 
+    async def _receive(self) -> None:
+        """Read one chunk; `_fail_all` may cut the wait short. On a direct socket it wakes the
+        reader with `notify_closing` (a cancel scope per read was a tenth of a request's
+        client CPU); other streams get a scope."""
+        if self._link.direct is not None:
+            self._reading = True
+            try:
+                await self._link.receive()
+            finally:
+                self._reading = False
+            return
+        with trio.CancelScope() as self._read_scope:
+            await self._link.receive()
+        self._read_scope = None
+
     def _dispatch(self, data: bytes) -> None:
         rid, reply = decode_message(data)
         slot = self._pending.get(rid)
         if slot is not None:
             slot.reply = reply
-            slot.wake.set()
+            slot.wake_up()
         elif rid >= self._next_rid or rid == 0:
             raise RemoteProtocolError(f"reply to request id {rid}, which was never sent")
         # else: the reply to a request that timed out; nobody waits for it.
@@ -523,10 +546,12 @@ class Connection:
     def _fail_all(self, error: Unavailable) -> None:
         if self._read_scope is not None:
             self._read_scope.cancel()  # the reader waits on a connection that is gone
+        if self._reading and self._link.direct is not None:
+            trio.lowlevel.notify_closing(self._link.direct.sock)  # the same, scope-free
         for slot in self._pending.values():
             if not slot.done:
                 slot.error = Unavailable(error.message)
-                slot.wake.set()
+                slot.wake_up()
 
     async def aclose(self) -> None:
         if self._closed:

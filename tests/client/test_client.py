@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import trio
 import trio.testing
@@ -142,6 +144,24 @@ async def test_deadline_bounds_retries(
     elapsed = trio.current_time() - start
     assert elapsed <= kv.router.policy.deadline_s
     assert caught.value.detail["attempts"] > 3
+
+
+async def test_a_first_try_at_the_cached_owner_counts_as_an_attempt(
+    kv: AsyncClient, cluster: FakeCluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With the map cached, the first try skips the retry loop; when it fails, the loop
+    retries it like any other and counts it: the attempt limit holds."""
+    await kv.get("warm-up")
+    assert kv.router.table is not None
+    address = drone_of(cluster, "f")
+    kv.router.policy = dataclasses.replace(kv.router.policy, max_attempts=3)
+    cluster.inject(address, Unavailable("loading", detail={"retry_after_ms": 1}), count=10)
+    with pytest.raises(DeadlineExceeded) as caught:
+        await kv.get("f")
+    assert caught.value.detail["attempts"] == 3
+    assert len(cluster.injected[address]) == 10 - 3  # three tries reached the drone
+    cluster.injected[address].clear()
+    await kv.put("f", 5)  # no error left to inject: the owner answers at the first try
 
 
 async def test_unreachable_drone_gives_up_at_the_deadline(

@@ -102,6 +102,14 @@ class App:
         return Ok()
 
 
+async def block_until_unavailable(conn: Connection, failures: list[Unavailable]) -> None:
+    """A request the server never answers; the Unavailable it ends with goes to `failures`."""
+    try:
+        await conn.request(Block())
+    except Unavailable as error:
+        failures.append(error)
+
+
 @asynccontextmanager
 async def memory_connection(
     app: App, **server_options: Any
@@ -175,7 +183,7 @@ async def test_connection_loss_fails_every_waiting_request(
 ) -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     app = App()
-    failures: list[BaseException] = []
+    failures: list[Unavailable] = []
     async with trio.open_nursery() as nursery:
         server_scope = trio.CancelScope()
 
@@ -186,15 +194,9 @@ async def test_connection_loss_fails_every_waiting_request(
         nursery.start_soon(run_server)
         conn = await Connection.from_stream(client_stream, client_auth())
 
-        async def waiter() -> None:
-            try:
-                await conn.request(Block())
-            except Unavailable as error:
-                failures.append(error)
-
         async with trio.open_nursery() as waiters:
             for _ in range(20):
-                waiters.start_soon(waiter)
+                waiters.start_soon(block_until_unavailable, conn, failures)
             await trio.sleep(1)
             assert app.active == 20
             server_scope.cancel()  # the server goes away: its stream closes without a close
@@ -427,6 +429,32 @@ class FlakyStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
+async def test_a_reader_that_times_out_hands_reading_to_a_waiting_request(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The first request reads for everyone; when it gives up, a request still waiting takes
+    over the reading, so its own reply (arriving later) still reaches it."""
+    async with memory_connection(App()) as (conn, _):
+        finished: dict[str, float] = {}
+
+        async def reader() -> None:
+            with pytest.raises(Timeout):
+                await conn.request(Block(), timeout=1.0)
+            finished["reader"] = trio.current_time()
+
+        async def waiter() -> None:
+            assert await conn.request(Echo("late", delay_s=2.0), timeout=10.0) == Echo("late")
+            finished["waiter"] = trio.current_time()
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.1)  # the first request holds the reader role
+            nursery.start_soon(waiter)
+        assert finished["reader"] - start == pytest.approx(1.0, abs=0.01)
+        assert finished["waiter"] - start == pytest.approx(2.1, abs=0.01)  # not at its deadline
+
+
 async def test_failed_write_fails_the_reader_and_every_waiter_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -438,22 +466,46 @@ async def test_failed_write_fails_the_reader_and_every_waiter_at_once(
         nursery.start_soon(serve_stream, server_stream, server_auth(), app)
         conn = await Connection.from_stream(flaky, client_auth())
 
-        async def waiter() -> None:
-            try:
-                await conn.request(Block())
-            except Unavailable as error:
-                failures.append(error)
-
         with trio.fail_after(5):  # well before the 30 s request deadline
             async with trio.open_nursery() as waiters:
                 for _ in range(5):
-                    waiters.start_soon(waiter)
+                    waiters.start_soon(block_until_unavailable, conn, failures)
                 await trio.sleep(1)
                 flaky.fail_writes = True
                 with pytest.raises(Unavailable, match="connection reset"):
                     await conn.request(Ping())
         assert len(failures) == 5
         await conn.aclose()
+
+
+async def test_failed_write_over_tcp_wakes_the_reader_waiting_on_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over TCP the reader waits on the socket with no cancel scope of its own; a write that
+    fails in another task must still wake it (and every waiter) at once."""
+    failures: list[Unavailable] = []
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve, "127.0.0.1:0", server_auth, App())
+        with trio.fail_after(10):  # well before the 30 s request deadline
+            conn = await open_connection(address, client_auth(), timeout=5)
+            direct = conn._link.direct
+            assert direct is not None  # the TCP path, not a wrapped stream
+
+            async with trio.open_nursery() as waiters:
+                for _ in range(5):
+                    waiters.start_soon(block_until_unavailable, conn, failures)
+                while conn.statistics()["frames_sent"] < 5 or not conn._reading:
+                    await trio.sleep(0.01)
+
+                def reset(data: memoryview) -> int:
+                    raise ConnectionResetError("connection reset by peer")
+
+                monkeypatch.setattr(direct, "send_nowait", reset)
+                with pytest.raises(Unavailable, match="connection reset"):
+                    await conn.request(Ping())
+            assert len(failures) == 5
+            await conn.aclose()
+        nursery.cancel_scope.cancel()
 
 
 async def test_handler_can_close_the_connection(autojump_clock: trio.abc.Clock) -> None:
