@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
 
 import trio
 
@@ -22,7 +21,6 @@ from keyval.drone.batcher import DbLink
 from keyval.drone.slots import Drop, Instruction, Reseed
 from keyval.drone.state import DroneState
 from keyval.messages import DbReadSlots, DbSlotsPage
-from keyval.store import Item
 from wire import codec
 from wire.errors import DecodeError, Fenced, Internal, ServiceError
 
@@ -67,14 +65,6 @@ def plan_runs(reseeds: Iterable[Reseed]) -> list[list[SlotEpoch]]:
     return runs
 
 
-def decode_value(encoded: bytes, slot: int) -> Any:
-    """A stored CBOR value; Internal (the read is retried) if the db sent an undecodable one."""
-    try:
-        return codec.decode(encoded)
-    except DecodeError as error:
-        raise Internal(f"db sent an undecodable value in slot {slot}: {error}") from None
-
-
 def first_contiguous(slots: list[SlotEpoch]) -> list[SlotEpoch]:
     """The leading part of sorted `slots` whose slot numbers are consecutive."""
     end = 1
@@ -101,7 +91,10 @@ class Reseeder:
                 self.state.store.drop_slot(instruction.slot)
             elif isinstance(instruction, Reseed):
                 reseeds.append(instruction)
-        for run in plan_runs(reseeds):
+        runs = plan_runs(reseeds)
+        if runs:
+            log.info("reseeding %d slots in %d runs", len(reseeds), len(runs))
+        for run in runs:
             nursery.start_soon(self.reseed_run, run)
 
     async def reseed(self, instruction: Reseed) -> None:
@@ -165,20 +158,24 @@ class Reseeder:
         last = part[-1][0]
         next_slot = part[0][0]  # the lowest slot not installed yet
         after: tuple[int, bytes] | None = None
-        held: dict[int, list[Item]] = {}
+        held: dict[int, _Held] = {}  # a slot's items so far, while it spans pages
         for _ in range(MAX_RESEED_PAGES):
             if any(self.state.table.epoch_of(s) != epochs[s] for s in range(next_slot, last + 1)):
                 return
             page = await self._read_page(next_slot, last, after)
-            for slot, key, value, version in page.items:
-                if not next_slot <= slot <= last:
-                    raise Internal(f"db sent slot {slot} for a read of {next_slot}..{last}")
-                held.setdefault(slot, []).append((key, decode_value(value, slot), version))
+            start = 0
+            for slot, count in page.runs:
+                part_of_slot = held.setdefault(slot, _Held())
+                part_of_slot.add(page, start, start + count)
+                start += count
             passed = last if page.next is None else page.next[0] - 1
+            installed = 0
             for slot in range(next_slot, passed + 1):
-                self.install(slot, epochs[slot], held.pop(slot, []))
+                installed += self.install(slot, epochs[slot], held.pop(slot, _EMPTY))
                 loaded.add(slot)
             next_slot = passed + 1
+            if installed:
+                self.state.notify_loaded()  # once per page: every waiting get wakes up once
             if page.next is None:
                 return
             after = page.next
@@ -202,18 +199,62 @@ class Reseeder:
         reply = await self.link.request(request, timeout=RESEED_PAGE_TIMEOUT_MS / 1000)
         if not isinstance(reply, DbSlotsPage):
             raise Internal(f"db answered a slot-range read with {type(reply).__name__}")
-        if reply.next is not None and not first <= reply.next[0] <= last:
-            raise Internal(f"db resumes at slot {reply.next[0]}, outside {first}..{last}")
+        check_page(reply, first, last)
         return reply
 
-    def install(self, slot: int, epoch: int, items: list[Item]) -> bool:
-        """Install a loaded slot if it is still wanted; wake requests waiting for it."""
+    def install(self, slot: int, epoch: int, items: _Held) -> bool:
+        """Install a loaded slot if it is still wanted (the caller wakes waiting requests)."""
         if self.state.table.epoch_of(slot) != epoch:
             return False
-        self.state.store.install_slot(slot, items)
+        self.state.store.install_slot_encoded(slot, items.keys, items.values, items.versions)
         self.state.table.mark_loaded(slot, epoch)
-        self.state.notify_loaded()
         metrics = observe.current_metrics()
         metrics.reseeds.inc()
-        metrics.reseed_keys.inc(len(items))
+        metrics.reseed_keys.inc(len(items.keys))
         return True
+
+
+class _Held:
+    """A slot's items gathered from the pages read so far (columns, values still CBOR)."""
+
+    __slots__ = ("keys", "values", "versions")
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []
+        self.values: list[bytes] = []
+        self.versions: list[int] = []
+
+    def add(self, page: DbSlotsPage, start: int, end: int) -> None:
+        if not self.keys and start == 0 and end == len(page.keys):
+            self.keys, self.values, self.versions = page.keys, page.values, page.versions
+            return  # the whole page is this slot's: no copies
+        self.keys += page.keys[start:end]
+        self.values += page.values[start:end]
+        self.versions += page.versions[start:end]
+
+
+_EMPTY = _Held()  # a slot the page passed without items (never added to)
+
+
+def check_page(page: DbSlotsPage, first: int, last: int) -> None:
+    """Internal (the read is retried) unless `page` is a well-formed answer for first..last:
+    runs of rising slots inside the range that add up to the items, every value CBOR that
+    codec.decode would accept, and a resume point inside the range."""
+    count = len(page.keys)
+    if len(page.values) != count or len(page.versions) != count:
+        raise Internal("db sent a slot page whose keys, values and versions differ in length")
+    previous = first - 1
+    total = 0
+    for slot, items in page.runs:
+        if not previous < slot <= last or items < 1:
+            raise Internal(f"db sent slot {slot} ({items} items) for a read of {first}..{last}")
+        previous = slot
+        total += items
+    if total != count:
+        raise Internal(f"db sent runs of {total} items with {count} keys")
+    if page.next is not None and not first <= page.next[0] <= last:
+        raise Internal(f"db resumes at slot {page.next[0]}, outside {first}..{last}")
+    try:
+        codec.check_each(page.values)
+    except DecodeError as error:
+        raise Internal(f"db sent an undecodable value: {error.message}") from None

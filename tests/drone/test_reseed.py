@@ -20,7 +20,7 @@ from keyval.db.sqlite import SqliteBackend
 from keyval.drone.reseed import (
     MAX_RUN_SLOTS,
     Reseeder,
-    decode_value,
+    check_page,
     first_contiguous,
     plan_runs,
 )
@@ -35,6 +35,7 @@ from keyval.messages import (
     DbOp,
     DbReadSlot,
     DbReadSlots,
+    DbSlotsPage,
     DbWrite,
     DbWriteBatch,
 )
@@ -149,10 +150,37 @@ def test_runs_are_consecutive_slots_of_bounded_length() -> None:
     assert plan_runs([]) == []
 
 
-def test_an_undecodable_stored_value_is_an_internal_error() -> None:
-    assert decode_value(b"\x83\x01\x02\x03", 5) == [1, 2, 3]
+def page(
+    runs: list[tuple[int, int]], values: list[bytes], after: tuple[int, bytes] | None = None
+) -> DbSlotsPage:
+    keys = [b"k%d" % index for index in range(len(values))]
+    return DbSlotsPage(runs, keys, values, [7] * len(values), after)
+
+
+def test_a_well_formed_page_passes() -> None:
+    check_page(page([(5, 2), (9, 1)], [b"\x83\x01\x02\x03", b"\x01", b"\xf6"], (9, b"k2")), 5, 9)
+    check_page(page([], []), 5, 9)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        page([(5, 1)], [b"\xff"]),  # not CBOR
+        page([(5, 2)], [b"\x01\x02", b"\x03"]),  # two items in one value
+        page([(5, 2)], [b"\x82\x01", b"\x02"]),  # one value cut, the next completes it
+        page([(5, 1)], [b"\xc1\x01"]),  # a tag
+        page([(4, 1)], [b"\x01"]),  # a slot before the range
+        page([(10, 1)], [b"\x01"]),  # after it
+        page([(6, 1), (6, 1)], [b"\x01", b"\x01"]),  # slots not rising
+        page([(5, 1)], [b"\x01", b"\x01"]),  # runs do not cover the items
+        page([(5, 0), (6, 1)], [b"\x01"]),  # an empty run
+        page([(5, 1)], [b"\x01"], (11, b"k")),  # resumes outside the range
+        DbSlotsPage([(5, 1)], [b"k"], [b"\x01"], [], None),  # columns differ in length
+    ],
+)
+def test_a_malformed_page_is_an_internal_error(bad: DbSlotsPage) -> None:
     with pytest.raises(Internal):
-        decode_value(b"\xff", 5)
+        check_page(bad, 5, 9)
 
 
 def test_first_contiguous() -> None:
