@@ -29,11 +29,18 @@ log = logging.getLogger("keyval.drone")
 # A (slot, epoch) the grant handed over, to load.
 SlotEpoch = tuple[int, int]
 
-# Items and key+value bytes per db.read_slots page: a few thousand small items amortize the
-# round trip; the bytes stay under the db's own page cap (768 KiB) so a page fits one 1 MiB
+# Items and key+value bytes per db.read_slots page: a couple of thousand small items amortize
+# the round trip, yet decoding and checking a page stays a few ms of event-loop time (the
+# drone's heartbeats must not wait behind it: measured with 5000-item pages on a loaded 2-core
+# machine, a 100k-key reseed delayed heartbeats past the lease and the survivor was declared
+# failed too). The bytes stay under the db's own page cap (768 KiB) so a page fits one 1 MiB
 # frame with its envelope.
-RESEED_PAGE_ITEMS = 5000
-RESEED_PAGE_BYTES = 768 * 1024
+RESEED_PAGE_ITEMS = 2000
+RESEED_PAGE_BYTES = 512 * 1024
+
+# Keys installed between two checkpoints: building a slot's index costs about a microsecond a
+# key, so other tasks (heartbeats, gets) wait at most a millisecond or so for a reseed.
+INSTALL_KEYS_PER_CHECKPOINT = 1000
 
 # Slots one run spans: within the db's MAX_READ_SLOTS_SPAN (2048), and small enough that a
 # failover's slots split into several runs that stream concurrently.
@@ -169,17 +176,30 @@ class Reseeder:
                 part_of_slot.add(page, start, start + count)
                 start += count
             passed = last if page.next is None else page.next[0] - 1
-            installed = 0
-            for slot in range(next_slot, passed + 1):
-                installed += self.install(slot, epochs[slot], held.pop(slot, _EMPTY))
-                loaded.add(slot)
+            await self._install_all(range(next_slot, passed + 1), epochs, held, loaded)
             next_slot = passed + 1
-            if installed:
-                self.state.notify_loaded()  # once per page: every waiting get wakes up once
             if page.next is None:
                 return
             after = page.next
         raise Internal(f"slots {part[0][0]}..{last} take more than {MAX_RESEED_PAGES} pages")
+
+    async def _install_all(
+        self, slots: range, epochs: dict[int, int], held: dict[int, _Held], loaded: set[int]
+    ) -> None:
+        """Install `slots` (a page passed them), with a checkpoint every
+        INSTALL_KEYS_PER_CHECKPOINT keys; waiting gets wake once per batch, not once per slot."""
+        batch_keys = 0
+        for slot in slots:
+            items = held.pop(slot, _EMPTY)
+            if self.install(slot, epochs[slot], items):
+                batch_keys += len(items.keys) + 1
+            loaded.add(slot)
+            if batch_keys >= INSTALL_KEYS_PER_CHECKPOINT:
+                self.state.notify_loaded()
+                batch_keys = 0
+                await trio.lowlevel.checkpoint()
+        if batch_keys:
+            self.state.notify_loaded()
 
     async def _read_page(
         self, first: int, last: int, after: tuple[int, bytes] | None

@@ -7,6 +7,7 @@ request) and counts the requests, and can hold a page back to observe progress.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,9 @@ from trio.testing import MockClock
 from keyval.db.service import Database
 from keyval.db.sqlite import SqliteBackend
 from keyval.drone.reseed import (
+    INSTALL_KEYS_PER_CHECKPOINT,
     MAX_RUN_SLOTS,
+    RESEED_PAGE_ITEMS,
     Reseeder,
     check_page,
     first_contiguous,
@@ -49,6 +52,8 @@ OTHER_DRONE = PeerInfo("drone-2", "drone")
 COMMANDER = PeerInfo("commander-1", "commander")
 LEASE_MS = 60_000
 WRITE_CHUNK = 4000  # ops per DbWriteBatch, under the db's MAX_OPS_PER_REQUEST
+# Keys per slot so that two slots fit in one reseed page and three do not.
+PER_SLOT = RESEED_PAGE_ITEMS * 2 // 5
 
 
 class DbServiceLink:
@@ -207,7 +212,7 @@ async def test_many_slots_load_in_a_few_bulk_reads(rig: Rig) -> None:
 
 
 async def test_a_slot_serves_once_a_page_has_passed_it(rig: Rig) -> None:
-    low = keys_in(range(10, 13), 2000)  # 6000 items: the first page (5000) ends in slot 12
+    low = keys_in(range(10, 13), PER_SLOT)  # the first page ends inside slot 12
     await rig.write([(key, 1) for key in low])
     rig.link.gate = trio.Event()
     rig.give((10, 14, 1))
@@ -244,7 +249,7 @@ async def test_a_fenced_slot_is_set_aside_and_the_rest_loads(rig: Rig) -> None:
 
 
 async def test_a_slot_dropped_mid_run_is_not_installed(rig: Rig) -> None:
-    keys = keys_in(range(30, 33), 2000)
+    keys = keys_in(range(30, 33), PER_SLOT)  # the first page ends inside slot 32
     await rig.write([(key, 1) for key in keys])
     rig.link.gate = trio.Event()
     rig.give((30, 32, 1))
@@ -272,3 +277,27 @@ async def test_a_live_move_reloads_one_slot(rig: Rig) -> None:
     assert rig.value("{m}k2") == "later"
     last = reads_of(rig.link)[-1]
     assert (last.first, last.last) == (slot, slot)
+
+
+async def test_installing_a_page_leaves_other_tasks_a_turn(rig: Rig) -> None:
+    """A page is installed in batches of about INSTALL_KEYS_PER_CHECKPOINT keys with a
+    checkpoint between them, so heartbeats and gets never wait behind a whole page."""
+    keys = keys_in(range(40, 60), RESEED_PAGE_ITEMS // 20)  # one page: 20 slots
+    await rig.write([(key, 1) for key in keys])
+    seen: list[int] = []
+
+    async def watch() -> None:
+        with trio.fail_after(30):
+            while not seen or seen[-1] < len(keys):
+                seen.append(sum(rig.state.store.key_count(slot) for slot in range(40, 60)))
+                if len(seen) > 1 and seen[-1] == seen[-2]:
+                    await trio.sleep(0.001)  # nothing new yet: let the clock move
+                else:
+                    await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        rig.give((40, 59, 1))
+    steps = [after - before for before, after in itertools.pairwise(seen)]
+    assert max(steps) <= INSTALL_KEYS_PER_CHECKPOINT + RESEED_PAGE_ITEMS // 20
+    assert sum(1 for step in steps if step) >= 2  # the page did not land in one go
