@@ -37,8 +37,9 @@ WRITERS = 8  # concurrent writers making the steady load during the kill (as the
 # heartbeats late on 2 shared cores (leases lapsed while filling).
 FILL_TASKS = 4
 # Keys one fill transaction writes (all on one drone, so it commits in one step and one group
-# commit): within the drone's MAX_TXN_KEYS (1024); 300k keys take 600 transactions, not 300k puts.
-FILL_TXN_KEYS = 500
+# commit): 300k keys take 3000 transactions, not 300k puts. Larger ones (500) held a drone's
+# event loop long enough, on the loaded 2-core machine, to make heartbeats late while filling.
+FILL_TXN_KEYS = 100
 # Tries of one fill transaction: a freshly started cluster on busy cores may still be moving
 # slots (a lease lapsed in start-up), so a chunk can outlive its transaction's time bound.
 FILL_ATTEMPTS = 5

@@ -89,14 +89,20 @@ MOVE_POLL_MAX_S = 1.0
 # declared failed (its last heartbeat is over lease - window ago), heartbeats of the others are
 # held until the next map save and answered with the new grant at once, instead of at their
 # next heartbeat (0-100 ms later). A healthy drone is never that silent (it heartbeats every
-# 100 ms), so normally nothing is held. Window: a heartbeat period and a failure-check tick, so
-# every survivor's last heartbeat before the verdict is caught.
-FAILURE_NEAR_MS = 120
+# 100 ms), so normally nothing is held. Window: a heartbeat period, so every survivor's last
+# heartbeat before the verdict is caught.
+FAILURE_NEAR_MS = 100
 
 # A held heartbeat is answered after at most this long even when no map was saved (the silent
 # drone came back, or the save is slow): the drone counts its lease from its send, so the wait
-# only delays its renewal, and it stays far within the drones' leader timeout (300 ms).
-HEARTBEAT_HOLD_MAX_MS = 150
+# only delays its renewal. Together with the drone's own delays it must stay well inside the
+# drones' leader timeout (300 ms), or holding would make drones drop a busy leader.
+HEARTBEAT_HOLD_MAX_MS = 100
+
+# Only a drone that heartbeats on time is held: one whose previous heartbeat came more than
+# this long before is itself late (a loaded machine), and holding it could push it past the
+# leader timeout; it gets its answer at once.
+HOLD_ONLY_AFTER_GAP_MS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +188,10 @@ class Commander:
     async def _heartbeat(self, peer: PeerInfo, msg: Heartbeat) -> Message:
         _require_drone(peer, msg.drone)
         received_at = self.now()
+        record = self.state.drones.get(msg.drone)
+        heard_before = record.last_heartbeat_at if record is not None else -math.inf
         ranges = self.state.heartbeat(msg.drone, msg.incarnation, msg.load, received_at)
-        if self._failure_near:
+        if self._failure_near and received_at - heard_before <= HOLD_ONLY_AFTER_GAP_MS / 1000:
             version = self.state.saved_version
             deadline = received_at + HEARTBEAT_HOLD_MAX_MS / 1000
             while self.state.saved_version == version:

@@ -98,3 +98,24 @@ async def test_survivor_gets_the_dead_drones_slots_as_soon_as_the_map_is_saved(
     assert answered - saved_at < 0.002  # answered with the save, not a heartbeat later
     assert 0 < answered - sent <= HEARTBEAT_HOLD_MAX_MS / 1000  # a held reply
     assert all(b - a < 0.002 for a, b, slots in grants[:-2])  # nothing held before the window
+
+
+async def test_a_drone_that_is_itself_late_is_not_held(autojump_clock: MockClock) -> None:
+    state = CommanderState(name="commander-1", term=1, now=trio.current_time(), expect_drones=2)
+    incarnations = registered(state, "drone-1", "drone-2")
+    commander = Commander(state, b"k" * 32, SavingDb())  # type: ignore[arg-type]
+
+    async def beat(name: str) -> float:
+        started = trio.current_time()
+        await commander.handle(PeerInfo(name, "drone"), Heartbeat(name, incarnations[name], {}, []))
+        return trio.current_time() - started
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commander.run_ticker)
+        await beat("drone-1")
+        await beat("drone-2")
+        # Both silent until drone-2's verdict is near; drone-1's own gap is far over the limit.
+        await trio.sleep(EXPIRY_S - FAILURE_NEAR_MS / 2000)
+        assert commander._failure_near
+        assert await beat("drone-1") < 0.002
+        nursery.cancel_scope.cancel()
