@@ -21,7 +21,9 @@ from keyval.db.sqlite import SqliteBackend
 from keyval.drone.reseed import (
     INSTALL_KEYS_PER_CHECKPOINT,
     MAX_RUN_SLOTS,
+    MAX_SET_ASIDE_IN_A_ROW,
     RESEED_PAGE_ITEMS,
+    RESEED_RETRY_MS,
     Reseeder,
     check_page,
     first_contiguous,
@@ -301,3 +303,19 @@ async def test_installing_a_page_leaves_other_tasks_a_turn(rig: Rig) -> None:
     steps = [after - before for before, after in itertools.pairwise(seen)]
     assert max(steps) <= INSTALL_KEYS_PER_CHECKPOINT + RESEED_PAGE_ITEMS // 20
     assert sum(1 for step in steps if step) >= 2  # the page did not land in one go
+
+
+async def test_a_row_of_fenced_slots_pauses_for_a_new_grant(rig: Rig) -> None:
+    """A grant behind the map (the commander moved many slots on): a few fenced reads, then a
+    pause for the next grant, not one db round trip per slot."""
+    keys = keys_in(range(20, 51), 2)
+    await rig.write([(key, "v") for key in keys])
+    newer = rig.grant((20, 40, 5), drone="drone-2")
+    await rig.database.handle(OTHER_DRONE, DbReadSlots(newer, 20, 40))
+    rig.give((20, 50, 3))
+    await trio.sleep(RESEED_RETRY_MS / 1000 / 2)
+    assert len(reads_of(rig.link)) == MAX_SET_ASIDE_IN_A_ROW
+    rig.give((41, 50, 3), issued_ms=1)  # the next grant catches up with the map
+    await rig.wait_ready(range(41, 51))
+    assert all(rig.value(key) == "v" for key in keys if key_slot(key) > 40)
+    assert len(reads_of(rig.link)) <= MAX_SET_ASIDE_IN_A_ROW + 2
