@@ -208,11 +208,16 @@ class DbReadSlots(Message):
 
 @message("db.slots_page")
 class DbSlotsPage(Message):
-    """`items` as (slot, canonical key, CBOR value, version) in (slot, key) order; `next` is
-    the (slot, key) to resume after, None when the range is exhausted. Values stay encoded as
-    stored: the db neither decodes nor re-encodes them (the drone decodes each one)."""
+    """Items in (slot, key) order as columns: `runs` is (slot, item count) per slot with items
+    here, in slot order; `keys` (canonical), `values` (CBOR) and `versions` the items in order.
+    `next` is the (slot, key) to resume after, None when the range is exhausted. Values stay
+    encoded as stored: neither the db nor the drone decodes and re-encodes them (the drone
+    checks them all at once and keeps them as they are)."""
 
-    items: list[tuple[int, bytes, bytes, int]]
+    runs: list[tuple[int, int]]
+    keys: list[bytes]
+    values: list[bytes]
+    versions: list[int]
     next: tuple[int, bytes] | None
 
 

@@ -9,7 +9,7 @@ walks the result so anything cbor2 turned into another Python type is refused.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import cbor2
@@ -69,18 +69,21 @@ def encode_canonical(obj: Any) -> bytes:
         raise LocalProtocolError(f"cannot encode as CBOR: {error}") from None
 
 
-def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
-    """Decode one CBOR item that must fill `data` exactly. Raises `DecodeError`."""
-    stream = io.BytesIO(data)
+def _decoder(stream: io.BytesIO, max_depth: int) -> cbor2.CBORDecoder:
+    return cbor2.CBORDecoder(
+        stream,
+        tag_hook=_refuse_tag,
+        semantic_decoders=_REFUSE_SEMANTIC_TAGS,
+        max_depth=max_depth,  # cbor2 allows exactly this many nested containers
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+    )
+
+
+def _decode_next(decoder: cbor2.CBORDecoder) -> Any:
+    """The decoder's next item; DecodeError for anything malformed."""
     try:
-        obj = cbor2.CBORDecoder(
-            stream,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_REFUSE_SEMANTIC_TAGS,
-            max_depth=max_depth,  # cbor2 allows exactly this many nested containers
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        ).decode()
+        return decoder.decode()
     except DecodeError:
         raise
     except cbor2.CBORDecodeError as error:
@@ -92,11 +95,36 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         raise DecodeError(f"malformed CBOR: {error}") from None
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as error:
         raise DecodeError(f"malformed CBOR: {error}") from None
+
+
+def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode one CBOR item that must fill `data` exactly. Raises `DecodeError`."""
+    stream = io.BytesIO(data)
+    obj = _decode_next(_decoder(stream, max_depth))
     if stream.tell() != len(data):
         raise DecodeError(f"{len(data) - stream.tell()} bytes follow the CBOR item")
     if type(obj) not in _SCALARS:  # the common fast path: nothing to walk
         _check_decoded(obj)
     return obj
+
+
+def check_each(items: Sequence[bytes], *, max_depth: int = MAX_DEPTH) -> None:
+    """Raise `DecodeError` (naming the index) unless each of `items` is exactly one CBOR item
+    `decode` would accept. One decoder reads them all as one stream, checking where each ends:
+    a quarter of the cost of a `decode` per item, for pages of stored values (a reseed)."""
+    stream = io.BytesIO(b"".join(items))
+    decoder = _decoder(stream, max_depth)
+    end = 0
+    for index, item in enumerate(items):
+        end += len(item)
+        try:
+            obj = _decode_next(decoder)
+            if stream.tell() != end:
+                raise DecodeError("not exactly one CBOR item")
+            if type(obj) not in _SCALARS:
+                _check_decoded(obj)
+        except DecodeError as error:
+            raise DecodeError(f"item {index}: {error.message}", detail={"index": index}) from None
 
 
 def _check_decoded(obj: Any) -> None:

@@ -41,6 +41,7 @@ _REGISTRY: dict[str, type[Message]] = {}
 # Values that need neither conversion to wire form nor a walk to be admitted (ints do: the
 # codec admits only 64-bit ones). Hot paths test for these first.
 _PLAIN_SCALARS = frozenset({str, bytes, bool, float, type(None)})
+_FLAT_SCALARS = _PLAIN_SCALARS | {int}  # what _to_wire returns as it is
 
 
 class Message:
@@ -71,6 +72,8 @@ def _to_wire(value: Any) -> Any:
         return value
     if isinstance(value, Message):
         return value.to_wire()
+    if type(value) is list and set(map(type, value)) <= _FLAT_SCALARS:
+        return value  # a column of scalars (a reseed page's keys): one C-level type scan
     if type(value) is tuple or type(value) is list:
         return [_to_wire(item) for item in value]
     if type(value) is dict:
@@ -156,12 +159,29 @@ def _checker(hint: Any) -> _Check:
             return inner
         return lambda value: None if value is None else inner(value)
     if origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
-        return _sequence_checker(_checker(args[0]), tuple if origin is tuple else list)
+        kind = tuple if origin is tuple else list
+        if args[0] in (int, str, bytes):
+            return _exact_sequence_checker(args[0], kind)
+        return _sequence_checker(_checker(args[0]), kind)
     if origin is tuple:
         return _fixed_tuple_checker(tuple(_checker(a) for a in args))
     if origin is dict:
         return _dict_checker(_checker(args[0]), _checker(args[1]))
     raise LocalProtocolError(f"unsupported field annotation {hint!r}")
+
+
+def _exact_sequence_checker(item_kind: type, kind: type) -> _Check:
+    """`_sequence_checker` of `_exact(item_kind)` with one C-level type scan first (columns of
+    thousands of keys or versions); the item-by-item check names the offender."""
+    slow = _sequence_checker(_exact(item_kind), kind)
+    exact = frozenset({item_kind})
+
+    def check(value: Any) -> Any:
+        if type(value) in (list, tuple) and set(map(type, value)) <= exact:
+            return kind(value)
+        return slow(value)
+
+    return check
 
 
 def _sequence_checker(item: _Check, kind: type) -> _Check:

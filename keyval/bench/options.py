@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--failover",
         action="store_true",
-        help="failover mode: SIGKILL a drone of a 3-drone cluster holding --keys keys, then the "
-        "leader of 3 commanders; report the seconds until everything is served again",
+        help="failover mode: SIGKILL a drone of a 3-drone cluster with --keys keys on each "
+        "drone, then the leader of 3 commanders; report the seconds until everything is served "
+        "again",
     )
     return parser
 

@@ -314,9 +314,11 @@ durable, as keyval's default ack. `scripts/bench` installs redis-server and etcd
 comparison row says so.
 
 `--failover` measures as tests/e2e/test_failover.py and test_election.py do: drone loss is
-SIGKILL of drone-2 of 3 (holding `--keys` keys, 8 writers running) until a fresh client sees
-a map without it and has read a key of every slot it held; leader loss is SIGKILL of the
-leading commander of 3 until a newer term's map is served.
+SIGKILL of drone-2 of 3 (`--keys` keys on each drone, so drone-2 holds exactly that many, the
+issue's "100k keys per drone"; 8 writers running) until a fresh client sees a map without it
+and has read a key of every slot it held; the row also gives the phases in between from the
+cluster's own logs (declared failed, map saved, the survivors' reseeds). Leader loss is
+SIGKILL of the leading commander of 3 until a newer term's map is served.
 
 Columns: `vs redis` is keyval's ops/s over Redis's measured in the same run with the same load
 generator; `redis-benchmark` rows are Redis's own C client for the same shape (the upper

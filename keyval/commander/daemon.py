@@ -85,6 +85,25 @@ STALL_GRACE_MS = 150
 # the move is not done: well under the drones' request timeout, so a poll never looks lost.
 MOVE_POLL_MAX_S = 1.0
 
+# Pushing a failed drone's slots to the survivors: while some drone is this close to being
+# declared failed (its last heartbeat is over lease - window ago), heartbeats of the others are
+# held until the next map save and answered with the new grant at once, instead of at their
+# next heartbeat (0-100 ms later). A healthy drone is never that silent (it heartbeats every
+# 100 ms), so normally nothing is held. Window: a heartbeat period, so every survivor's last
+# heartbeat before the verdict is caught.
+FAILURE_NEAR_MS = 100
+
+# A held heartbeat is answered after at most this long even when no map was saved (the silent
+# drone came back, or the save is slow): the drone counts its lease from its send, so the wait
+# only delays its renewal. Together with the drone's own delays it must stay well inside the
+# drones' leader timeout (300 ms), or holding would make drones drop a busy leader.
+HEARTBEAT_HOLD_MAX_MS = 100
+
+# Only a drone that heartbeats on time is held: one whose previous heartbeat came more than
+# this long before is itself late (a loaded machine), and holding it could push it past the
+# leader timeout; it gets its answer at once.
+HOLD_ONLY_AFTER_GAP_MS = 200
+
 
 @dataclass(frozen=True, slots=True)
 class CommanderSettings:
@@ -123,6 +142,7 @@ class Commander:
         self.db = db
         self._wake = trio.Event()
         self._map_changed = trio.Event()  # set (and replaced) after every save and failure
+        self._failure_near = False  # hold heartbeats for the next save (FAILURE_NEAR_MS)
         self._issued_ms = 0
 
     def now(self) -> float:
@@ -130,7 +150,7 @@ class Commander:
 
     async def handle(self, peer: PeerInfo, msg: Message) -> Message:
         if isinstance(msg, Heartbeat):
-            return self._heartbeat(peer, msg)
+            return await self._heartbeat(peer, msg)
         if isinstance(msg, Register):
             return self._register(peer, msg)
         if isinstance(msg, GetMap):
@@ -165,9 +185,20 @@ class Commander:
         self._wake.set()
         return Registered(record.incarnation, self.state.heartbeat_ms, self.state.lease_ms)
 
-    def _heartbeat(self, peer: PeerInfo, msg: Heartbeat) -> Message:
+    async def _heartbeat(self, peer: PeerInfo, msg: Heartbeat) -> Message:
         _require_drone(peer, msg.drone)
-        ranges = self.state.heartbeat(msg.drone, msg.incarnation, msg.load, self.now())
+        received_at = self.now()
+        record = self.state.drones.get(msg.drone)
+        heard_before = record.last_heartbeat_at if record is not None else -math.inf
+        ranges = self.state.heartbeat(msg.drone, msg.incarnation, msg.load, received_at)
+        if self._failure_near and received_at - heard_before <= HOLD_ONLY_AFTER_GAP_MS / 1000:
+            version = self.state.saved_version
+            deadline = received_at + HEARTBEAT_HOLD_MAX_MS / 1000
+            while self.state.saved_version == version:
+                if not await self._wait_map_change(deadline):
+                    break
+            if self.state.saved_version != version:
+                ranges = self.state.renew_grant(msg.drone, msg.incarnation, self.now())
         return self._grant_reply(msg.drone, ranges)
 
     def _grant_reply(self, drone: str, ranges: list[tuple[int, int, int]]) -> HeartbeatReply:
@@ -292,6 +323,7 @@ class Commander:
             now = self.now()
             detect = guard.may_detect(now)
             instructions = self.state.tick(now, detect_failures=detect)
+            self._failure_near = self.state.failure_near(now, FAILURE_NEAR_MS / 1000)
             if resuming and self.state.phase is not Phase.RESUMING:
                 logger.info(
                     "term %d resumed the persisted map: %d slots kept their epoch (owner still "

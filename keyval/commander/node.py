@@ -86,7 +86,15 @@ class CommanderNode:
                 f"{self.name} does not lead (term {self.election.term})",
                 detail={"leader": self.election.leader, "term": self.election.term},
             )
-        return await commander.handle(peer, msg)
+        reply = await commander.handle(peer, msg)
+        if isinstance(msg, Heartbeat) and not self.acting(self.now()):
+            # Held for a map save (daemon.FAILURE_NEAR_MS) while our lease on the drones lapsed:
+            # a deposed leader hands out no grant.
+            raise NotLeader(
+                f"{self.name} no longer leads (term {self.election.term})",
+                detail={"leader": self.election.leader, "term": self.election.term},
+            )
+        return reply
 
     def _ballot(self, peer: PeerInfo, msg: Ballot) -> BallotReply:
         require_role(peer, "drone", action="voting")

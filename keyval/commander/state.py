@@ -261,6 +261,24 @@ class CommanderState:
             self._lease_end[drone] = now + self.expiry_s
         return ranges
 
+    def renew_grant(self, drone: str, incarnation: int, now: float) -> list[GrantRange]:
+        """The grant for a heartbeat received earlier and answered now (a held reply): what
+        `drone` may hold at `now`. It is not news that the drone lives (that was its receive);
+        the lease it was granted is counted until `now + expiry`, later than the drone's own
+        count (from its send), so the slot-blocking stays safe. NotFound if the drone is gone."""
+        self._check_incarnation(drone, incarnation)
+        ranges = self.grant_for(drone, now)
+        if ranges:
+            self._lease_end[drone] = max(self._lease_end.get(drone, -math.inf), now + self.expiry_s)
+        return ranges
+
+    def failure_near(self, now: float, within_s: float) -> bool:
+        """Will some drone's lease surely end within `within_s` unless it is heard from?"""
+        return any(
+            now + within_s >= record.last_heartbeat_at + self.expiry_s
+            for record in self.drones.values()
+        )
+
     def moves_for(self, drone: str) -> tuple[list[int], list[int]]:
         """(slots `drone` must release, slots coming to it) for its heartbeat reply."""
         release = [

@@ -19,10 +19,10 @@ from keyval.db.records import (
     MapRecord,
     OpResult,
     PreparedOp,
-    RangeItem,
     SaveMapOutcome,
     SlotFence,
     SlotItem,
+    SlotRange,
     TermRecord,
 )
 
@@ -79,10 +79,10 @@ class Backend(Protocol):
 
     def read_slots(
         self, first: int, last: int, after: tuple[int, bytes] | None, limit: int, max_bytes: int
-    ) -> tuple[list[RangeItem], bool]:
+    ) -> SlotRange:
         """Live keys of slots first..last in (slot, key) order, strictly after `after` when
         given: at most `limit` items and, past the first, at most `max_bytes` of keys and
-        values; and True when none are left in the range."""
+        values; `done` when none are left in the range."""
 
     def purge_op_results(self, older_than_ms: int) -> int:
         """Forget op results committed before `older_than_ms`; return how many."""

@@ -77,13 +77,22 @@ class SlotItem:
 
 
 @dataclass(frozen=True, slots=True)
-class RangeItem:
-    """One live key of a slot-range read."""
+class SlotRange:
+    """One page of a slot-range read, as columns (a failover reads 100k keys per drone: a
+    row object per key cost more than the query). `runs` is (slot, item count) for each slot
+    with items on the page, in slot order; keys, values (CBOR) and versions are the items in
+    (slot, key) order; `done`: none are left in the range."""
 
-    slot: int
-    key: bytes
-    value: bytes  # CBOR
-    version: int
+    runs: list[tuple[int, int]]
+    keys: list[bytes]
+    values: list[bytes]
+    versions: list[int]
+    done: bool
+
+    @property
+    def last(self) -> tuple[int, bytes] | None:
+        """The (slot, key) of the page's last item, None for an empty page."""
+        return (self.runs[-1][0], self.keys[-1]) if self.runs else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -373,14 +373,14 @@ class Database:
             try:
                 if fences:  # the raised fences are stored before the data leaves
                     await self._call(self.backend.save_fences, fences)
-                items, done = await self._call(
+                page = await self._call(
                     self.backend.read_slots, first, last, after, request.limit_items, max_bytes
                 )
             except StorageError as error:
                 self._fences.return_pending(fences)
                 raise storage_unavailable(error) from None
-        resume = None if done or not items else (items[-1].slot, items[-1].key)
-        return DbSlotsPage([(i.slot, i.key, i.value, i.version) for i in items], resume)
+        resume = None if page.done else page.last
+        return DbSlotsPage(page.runs, page.keys, page.values, page.versions, resume)
 
     # ------------------------------------------------------------ commander
 

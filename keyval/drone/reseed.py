@@ -12,8 +12,7 @@ get UNAVAILABLE. A live move's target reloads its one slot the same way (a run o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
@@ -22,7 +21,6 @@ from keyval.drone.batcher import DbLink
 from keyval.drone.slots import Drop, Instruction, Reseed
 from keyval.drone.state import DroneState
 from keyval.messages import DbReadSlots, DbSlotsPage
-from keyval.store import Item
 from wire import codec
 from wire.errors import DecodeError, Fenced, Internal, ServiceError
 
@@ -31,11 +29,18 @@ log = logging.getLogger("keyval.drone")
 # A (slot, epoch) the grant handed over, to load.
 SlotEpoch = tuple[int, int]
 
-# Items and key+value bytes per db.read_slots page: a few thousand small items amortize the
-# round trip; the bytes stay under the db's own page cap (768 KiB) so a page fits one 1 MiB
+# Items and key+value bytes per db.read_slots page: a couple of thousand small items amortize
+# the round trip, yet decoding and checking a page stays a few ms of event-loop time (the
+# drone's heartbeats must not wait behind it: measured with 5000-item pages on a loaded 2-core
+# machine, a 100k-key reseed delayed heartbeats past the lease and the survivor was declared
+# failed too). The bytes stay under the db's own page cap (768 KiB) so a page fits one 1 MiB
 # frame with its envelope.
-RESEED_PAGE_ITEMS = 5000
-RESEED_PAGE_BYTES = 768 * 1024
+RESEED_PAGE_ITEMS = 2000
+RESEED_PAGE_BYTES = 512 * 1024
+
+# Keys installed between two checkpoints: building a slot's index costs about a microsecond a
+# key, so other tasks (heartbeats, gets) wait at most a millisecond or so for a reseed.
+INSTALL_KEYS_PER_CHECKPOINT = 1000
 
 # Slots one run spans: within the db's MAX_READ_SLOTS_SPAN (2048), and small enough that a
 # failover's slots split into several runs that stream concurrently.
@@ -55,6 +60,12 @@ MAX_CONCURRENT_RESEEDS = 4
 # Pause before retrying a failed read: the db may be restarting or the grant being replaced.
 RESEED_RETRY_MS = 200
 
+# Fenced slots set aside in a row (each costs a db round trip) before the run pauses for
+# RESEED_RETRY_MS: one stale slot is a slot moved on, but a row of them means this drone's
+# grant is behind the map (the next heartbeat brings the new one and drops them). Measured
+# while the cluster flapped: without the pause a 1024-slot run asked the db once per slot.
+MAX_SET_ASIDE_IN_A_ROW = 4
+
 
 def plan_runs(reseeds: Iterable[Reseed]) -> list[list[SlotEpoch]]:
     """The slots to load as runs of consecutive slots, each at most MAX_RUN_SLOTS long."""
@@ -65,14 +76,6 @@ def plan_runs(reseeds: Iterable[Reseed]) -> list[list[SlotEpoch]]:
         else:
             runs.append([(reseed.slot, reseed.epoch)])
     return runs
-
-
-def decode_value(encoded: bytes, slot: int) -> Any:
-    """A stored CBOR value; Internal (the read is retried) if the db sent an undecodable one."""
-    try:
-        return codec.decode(encoded)
-    except DecodeError as error:
-        raise Internal(f"db sent an undecodable value in slot {slot}: {error}") from None
 
 
 def first_contiguous(slots: list[SlotEpoch]) -> list[SlotEpoch]:
@@ -90,6 +93,8 @@ class Reseeder:
         self.state = state
         self.link = link
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_RESEEDS)
+        # Where an install lets other tasks run (tests count the calls).
+        self.checkpoint: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint
 
     def set_link(self, link: DbLink) -> None:
         self.link = link
@@ -101,7 +106,10 @@ class Reseeder:
                 self.state.store.drop_slot(instruction.slot)
             elif isinstance(instruction, Reseed):
                 reseeds.append(instruction)
-        for run in plan_runs(reseeds):
+        runs = plan_runs(reseeds)
+        if runs:
+            log.info("reseeding %d slots in %d runs", len(reseeds), len(runs))
+        for run in runs:
             nursery.start_soon(self.reseed_run, run)
 
     async def reseed(self, instruction: Reseed) -> None:
@@ -116,6 +124,7 @@ class Reseeder:
         todo = list(run)
         loaded: set[int] = set()
         set_aside: set[int] = set()  # fenced: retried after a pause (a new grant may drop it)
+        fenced_in_a_row = 0
         while True:
             todo = [
                 (slot, epoch)
@@ -132,9 +141,10 @@ class Reseeder:
                     (trio.current_time() - started_at) * 1000,
                 )
                 return
-            if not ready:
+            if not ready or fenced_in_a_row >= MAX_SET_ASIDE_IN_A_ROW:
                 await trio.sleep(RESEED_RETRY_MS / 1000)
                 set_aside.clear()
+                fenced_in_a_row = 0
                 continue
             part = first_contiguous(ready)
             try:
@@ -144,6 +154,7 @@ class Reseeder:
                         await self._load(part, loaded)
                     finally:
                         metrics.reseeds_in_progress.dec(len(part))
+                fenced_in_a_row = 0
             except ServiceError as error:
                 metrics.reseed_failures.inc()
                 log.warning(
@@ -155,6 +166,7 @@ class Reseeder:
                 stale = error.detail.get("slot") if isinstance(error, Fenced) else None
                 if isinstance(stale, int) and any(slot == stale for slot, _ in part):
                     set_aside.add(stale)
+                    fenced_in_a_row += 1
                 else:
                     await trio.sleep(RESEED_RETRY_MS / 1000)
 
@@ -165,24 +177,41 @@ class Reseeder:
         last = part[-1][0]
         next_slot = part[0][0]  # the lowest slot not installed yet
         after: tuple[int, bytes] | None = None
-        held: dict[int, list[Item]] = {}
+        held: dict[int, _Held] = {}  # a slot's items so far, while it spans pages
         for _ in range(MAX_RESEED_PAGES):
             if any(self.state.table.epoch_of(s) != epochs[s] for s in range(next_slot, last + 1)):
                 return
             page = await self._read_page(next_slot, last, after)
-            for slot, key, value, version in page.items:
-                if not next_slot <= slot <= last:
-                    raise Internal(f"db sent slot {slot} for a read of {next_slot}..{last}")
-                held.setdefault(slot, []).append((key, decode_value(value, slot), version))
+            start = 0
+            for slot, count in page.runs:
+                part_of_slot = held.setdefault(slot, _Held())
+                part_of_slot.add(page, start, start + count)
+                start += count
             passed = last if page.next is None else page.next[0] - 1
-            for slot in range(next_slot, passed + 1):
-                self.install(slot, epochs[slot], held.pop(slot, []))
-                loaded.add(slot)
+            await self._install_all(range(next_slot, passed + 1), epochs, held, loaded)
             next_slot = passed + 1
             if page.next is None:
                 return
             after = page.next
         raise Internal(f"slots {part[0][0]}..{last} take more than {MAX_RESEED_PAGES} pages")
+
+    async def _install_all(
+        self, slots: range, epochs: dict[int, int], held: dict[int, _Held], loaded: set[int]
+    ) -> None:
+        """Install `slots` (a page passed them), with a checkpoint every
+        INSTALL_KEYS_PER_CHECKPOINT keys; waiting gets wake once per batch, not once per slot."""
+        batch_keys = 0
+        for slot in slots:
+            items = held.pop(slot, _EMPTY)
+            if self.install(slot, epochs[slot], items):
+                batch_keys += len(items.keys) + 1
+            loaded.add(slot)
+            if batch_keys >= INSTALL_KEYS_PER_CHECKPOINT:
+                self.state.notify_loaded()
+                batch_keys = 0
+                await self.checkpoint()
+        if batch_keys:
+            self.state.notify_loaded()
 
     async def _read_page(
         self, first: int, last: int, after: tuple[int, bytes] | None
@@ -202,18 +231,62 @@ class Reseeder:
         reply = await self.link.request(request, timeout=RESEED_PAGE_TIMEOUT_MS / 1000)
         if not isinstance(reply, DbSlotsPage):
             raise Internal(f"db answered a slot-range read with {type(reply).__name__}")
-        if reply.next is not None and not first <= reply.next[0] <= last:
-            raise Internal(f"db resumes at slot {reply.next[0]}, outside {first}..{last}")
+        check_page(reply, first, last)
         return reply
 
-    def install(self, slot: int, epoch: int, items: list[Item]) -> bool:
-        """Install a loaded slot if it is still wanted; wake requests waiting for it."""
+    def install(self, slot: int, epoch: int, items: _Held) -> bool:
+        """Install a loaded slot if it is still wanted (the caller wakes waiting requests)."""
         if self.state.table.epoch_of(slot) != epoch:
             return False
-        self.state.store.install_slot(slot, items)
+        self.state.store.install_slot_encoded(slot, items.keys, items.values, items.versions)
         self.state.table.mark_loaded(slot, epoch)
-        self.state.notify_loaded()
         metrics = observe.current_metrics()
         metrics.reseeds.inc()
-        metrics.reseed_keys.inc(len(items))
+        metrics.reseed_keys.inc(len(items.keys))
         return True
+
+
+class _Held:
+    """A slot's items gathered from the pages read so far (columns, values still CBOR)."""
+
+    __slots__ = ("keys", "values", "versions")
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []
+        self.values: list[bytes] = []
+        self.versions: list[int] = []
+
+    def add(self, page: DbSlotsPage, start: int, end: int) -> None:
+        if not self.keys and start == 0 and end == len(page.keys):
+            self.keys, self.values, self.versions = page.keys, page.values, page.versions
+            return  # the whole page is this slot's: no copies
+        self.keys += page.keys[start:end]
+        self.values += page.values[start:end]
+        self.versions += page.versions[start:end]
+
+
+_EMPTY = _Held()  # a slot the page passed without items (never added to)
+
+
+def check_page(page: DbSlotsPage, first: int, last: int) -> None:
+    """Internal (the read is retried) unless `page` is a well-formed answer for first..last:
+    runs of rising slots inside the range that add up to the items, every value CBOR that
+    codec.decode would accept, and a resume point inside the range."""
+    count = len(page.keys)
+    if len(page.values) != count or len(page.versions) != count:
+        raise Internal("db sent a slot page whose keys, values and versions differ in length")
+    previous = first - 1
+    total = 0
+    for slot, items in page.runs:
+        if not previous < slot <= last or items < 1:
+            raise Internal(f"db sent slot {slot} ({items} items) for a read of {first}..{last}")
+        previous = slot
+        total += items
+    if total != count:
+        raise Internal(f"db sent runs of {total} items with {count} keys")
+    if page.next is not None and not first <= page.next[0] <= last:
+        raise Internal(f"db resumes at slot {page.next[0]}, outside {first}..{last}")
+    try:
+        codec.check_each(page.values)
+    except DecodeError as error:
+        raise Internal(f"db sent an undecodable value: {error.message}") from None

@@ -6,8 +6,8 @@ slots, drop those); `check_serving` answers whether a request for a slot may be 
 
 Lease rule (docs: datapath-shared): a grant's lease runs from the moment the drone SENT the
 heartbeat it answered, for `keyval.timing.drone_lease_ms(lease_ms)` on the drone's own clock. The
-commander waits `lease_ms * (1 + MAX_CLOCK_DRIFT)` plus a margin after it last heard from the
-drone, so the drone always stops serving first.
+commander waits `lease_ms` after it last heard from the drone (keyval.timing.commander_expiry_ms),
+so the drone always stops serving first.
 """
 
 from __future__ import annotations

@@ -255,6 +255,7 @@ async def test_admin_live_move_hands_the_slot_over_on_release(cluster: Cluster) 
         nursery.start_soon(await_grant)
         with trio.fail_after(WAIT_S):
             while (await one.beat_reply()).release != [0]:
+                await two.beat()  # a live drone heartbeats while it long-polls
                 await trio.sleep(0.01)
         assert (await one.beat()).epoch_of(0) == epoch  # still the source's until it releases
         with pytest.raises(BadRequest, match="under epoch"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from keyval.commander.state import CommanderState, SaveMap
 from keyval.drone.slots import Reseed, SlotTable
 from keyval.grants import NUM_SLOTS, Grant
+from keyval.timing import MAX_CLOCK_DRIFT
 from wire.errors import BadRequest, NotFound
 
 STEP_S = 0.01
@@ -154,6 +155,21 @@ def test_partitioned_drone_stops_serving_before_others_take_over() -> None:
     assert sim.overlaps == []
     assert sim.drones[0].table.serving_slots(sim.drones[0].now(sim.t)) == []
     sim.drones[0].cut_off = False  # it comes back as a new drone and gets a fair share
+    sim.run_until(4.0)
+    sim.assert_settled()
+
+
+def test_a_drone_clock_slow_by_the_whole_drift_bound_still_stops_first() -> None:
+    """The commander waits exactly the lease after a receive (timing.commander_expiry_ms):
+    enough even for a drone whose clock runs MAX_CLOCK_DRIFT slow, the edge of the argument."""
+    sim = Sim([1 - MAX_CLOCK_DRIFT, 1.0, 1 + MAX_CLOCK_DRIFT])
+    sim.run_until(1.0)
+    sim.assert_settled()
+    sim.drones[0].cut_off = True
+    sim.run_until(2.5)
+    assert sim.overlaps == []
+    assert "drone-1" not in sim.commander.saved.owners
+    sim.drones[0].cut_off = False
     sim.run_until(4.0)
     sim.assert_settled()
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from keyval.db.backend import Backend
+from keyval.db.records import SlotRange
 from keyval.db.service import MAX_READ_SLOTS_SPAN, MAX_SLOT_PAGE_ITEMS, Database
 from keyval.grants import Grant
 from keyval.keys import canonical_key, key_slot
@@ -37,6 +38,21 @@ def fill(backend: Backend, keys: list[str]) -> None:
     backend.commit_batch(ops, [], 1)
 
 
+Row = tuple[int, bytes, bytes, int]  # (slot, key, CBOR value, version)
+
+
+def rows(page: SlotRange | DbSlotsPage) -> list[Row]:
+    """A page's columns as one row per item."""
+    slots = [slot for slot, count in page.runs for _ in range(count)]
+    return list(zip(slots, page.keys, page.values, page.versions, strict=True))
+
+
+def read(backend: Backend, first: int, last: int, limit: int, max_bytes: int) -> list[Row]:
+    page = backend.read_slots(first, last, None, limit, max_bytes)
+    assert page.done
+    return rows(page)
+
+
 def ordered(keys: list[str]) -> list[tuple[int, bytes]]:
     return sorted((key_slot(key), canonical_key(key)) for key in keys)
 
@@ -51,12 +67,12 @@ def test_range_read_pages_in_slot_and_key_order(backend: Backend) -> None:
     after: tuple[int, bytes] | None = None
     pages = 0
     while True:
-        items, done = backend.read_slots(100, 105, after, 5, 1 << 20)
-        seen.extend((item.slot, item.key) for item in items)
+        page = backend.read_slots(100, 105, after, 5, 1 << 20)
+        seen.extend((slot, key) for slot, key, _value, _version in rows(page))
         pages += 1
-        if done:
+        if page.done:
             break
-        after = (items[-1].slot, items[-1].key)
+        after = page.last
     assert seen == ordered(keys)
     assert pages == 5  # 24 items, 5 a page
 
@@ -64,29 +80,28 @@ def test_range_read_pages_in_slot_and_key_order(backend: Backend) -> None:
 def test_range_read_stays_inside_the_range(backend: Backend) -> None:
     keys = keys_in_slots(range(200, 205), 2)
     fill(backend, keys)
-    items, done = backend.read_slots(201, 203, None, 100, 1 << 20)
-    assert done
-    assert [(item.slot, item.key) for item in items] == ordered(keys)[2:8]
-    assert backend.read_slots(300, 400, None, 100, 1 << 20) == ([], True)
+    assert backend.read_slots(201, 203, None, 100, 1 << 20).runs == [(201, 2), (202, 2), (203, 2)]
+    found = read(backend, 201, 203, 100, 1 << 20)
+    assert [(slot, key) for slot, key, _value, _version in found] == ordered(keys)[2:8]
+    assert backend.read_slots(300, 400, None, 100, 1 << 20) == SlotRange([], [], [], [], True)
 
 
 def test_range_read_skips_deleted_keys_and_keeps_versions(backend: Backend) -> None:
     keys = keys_in_slots(range(10, 12), 3)
     fill(backend, keys)
     backend.commit_batch([delete(keys[1], 50, b"d" * 16)], [], 2)
-    items, done = backend.read_slots(10, 11, None, 100, 1 << 20)
-    assert done
-    assert [item.key for item in items] == [
+    found = read(backend, 10, 11, 100, 1 << 20)
+    assert [key for _slot, key, _value, _version in found] == [
         key for _slot, key in ordered(keys) if key != canonical_key(keys[1])
     ]
-    assert {item.key: item.version for item in items}[canonical_key(keys[0])] == 1
+    assert {key: version for _slot, key, _value, version in found}[canonical_key(keys[0])] == 1
 
 
 def test_range_read_byte_budget_lets_one_item_through(backend: Backend) -> None:
     fill(backend, keys_in_slots(range(7, 9), 2))
-    items, done = backend.read_slots(7, 8, None, 100, 1)
-    assert len(items) == 1
-    assert not done
+    page = backend.read_slots(7, 8, None, 100, 1)
+    assert page.runs == [(7, 1)] and len(page.keys) == 1
+    assert not page.done
 
 
 # ------------------------------------------------------------------ the service
@@ -108,7 +123,7 @@ async def read_range(
         )
         page = await database.handle(DRONE, request)
         assert isinstance(page, DbSlotsPage)
-        found.extend(page.items)
+        found.extend(rows(page))
         if page.next is None:
             return found
         after = page.next

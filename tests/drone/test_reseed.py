@@ -7,6 +7,7 @@ request) and counts the requests, and can hold a page back to observe progress.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,9 +19,13 @@ from trio.testing import MockClock
 from keyval.db.service import Database
 from keyval.db.sqlite import SqliteBackend
 from keyval.drone.reseed import (
+    INSTALL_KEYS_PER_CHECKPOINT,
     MAX_RUN_SLOTS,
+    MAX_SET_ASIDE_IN_A_ROW,
+    RESEED_PAGE_ITEMS,
+    RESEED_RETRY_MS,
     Reseeder,
-    decode_value,
+    check_page,
     first_contiguous,
     plan_runs,
 )
@@ -35,6 +40,7 @@ from keyval.messages import (
     DbOp,
     DbReadSlot,
     DbReadSlots,
+    DbSlotsPage,
     DbWrite,
     DbWriteBatch,
 )
@@ -48,6 +54,8 @@ OTHER_DRONE = PeerInfo("drone-2", "drone")
 COMMANDER = PeerInfo("commander-1", "commander")
 LEASE_MS = 60_000
 WRITE_CHUNK = 4000  # ops per DbWriteBatch, under the db's MAX_OPS_PER_REQUEST
+# Keys per slot so that two slots fit in one reseed page and three do not.
+PER_SLOT = RESEED_PAGE_ITEMS * 2 // 5
 
 
 class DbServiceLink:
@@ -149,10 +157,37 @@ def test_runs_are_consecutive_slots_of_bounded_length() -> None:
     assert plan_runs([]) == []
 
 
-def test_an_undecodable_stored_value_is_an_internal_error() -> None:
-    assert decode_value(b"\x83\x01\x02\x03", 5) == [1, 2, 3]
+def page(
+    runs: list[tuple[int, int]], values: list[bytes], after: tuple[int, bytes] | None = None
+) -> DbSlotsPage:
+    keys = [b"k%d" % index for index in range(len(values))]
+    return DbSlotsPage(runs, keys, values, [7] * len(values), after)
+
+
+def test_a_well_formed_page_passes() -> None:
+    check_page(page([(5, 2), (9, 1)], [b"\x83\x01\x02\x03", b"\x01", b"\xf6"], (9, b"k2")), 5, 9)
+    check_page(page([], []), 5, 9)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        page([(5, 1)], [b"\xff"]),  # not CBOR
+        page([(5, 2)], [b"\x01\x02", b"\x03"]),  # two items in one value
+        page([(5, 2)], [b"\x82\x01", b"\x02"]),  # one value cut, the next completes it
+        page([(5, 1)], [b"\xc1\x01"]),  # a tag
+        page([(4, 1)], [b"\x01"]),  # a slot before the range
+        page([(10, 1)], [b"\x01"]),  # after it
+        page([(6, 1), (6, 1)], [b"\x01", b"\x01"]),  # slots not rising
+        page([(5, 1)], [b"\x01", b"\x01"]),  # runs do not cover the items
+        page([(5, 0), (6, 1)], [b"\x01"]),  # an empty run
+        page([(5, 1)], [b"\x01"], (11, b"k")),  # resumes outside the range
+        DbSlotsPage([(5, 1)], [b"k"], [b"\x01"], [], None),  # columns differ in length
+    ],
+)
+def test_a_malformed_page_is_an_internal_error(bad: DbSlotsPage) -> None:
     with pytest.raises(Internal):
-        decode_value(b"\xff", 5)
+        check_page(bad, 5, 9)
 
 
 def test_first_contiguous() -> None:
@@ -179,14 +214,14 @@ async def test_many_slots_load_in_a_few_bulk_reads(rig: Rig) -> None:
 
 
 async def test_a_slot_serves_once_a_page_has_passed_it(rig: Rig) -> None:
-    low = keys_in(range(10, 13), 2000)  # 6000 items: the first page (5000) ends in slot 12
+    low = keys_in(range(10, 13), PER_SLOT)  # the first page ends inside slot 12
     await rig.write([(key, 1) for key in low])
     rig.link.gate = trio.Event()
     rig.give((10, 14, 1))
-    with trio.fail_after(10):
-        while rig.state.table.status_of(11) is not SlotStatus.READY:
+    with trio.fail_after(10):  # slot 11 served; the second page asked for, held at the gate
+        while rig.state.table.status_of(11) is not SlotStatus.READY or len(rig.link.requests) < 2:
             await trio.sleep(0.01)
-    assert len(reads_of(rig.link)) == 2  # the second page is held back at the gate
+    assert len(reads_of(rig.link)) == 2
     assert rig.state.table.status_of(10) is SlotStatus.READY
     assert rig.state.table.status_of(12) is SlotStatus.LOADING
     assert rig.state.table.status_of(14) is SlotStatus.LOADING
@@ -216,7 +251,7 @@ async def test_a_fenced_slot_is_set_aside_and_the_rest_loads(rig: Rig) -> None:
 
 
 async def test_a_slot_dropped_mid_run_is_not_installed(rig: Rig) -> None:
-    keys = keys_in(range(30, 33), 2000)
+    keys = keys_in(range(30, 33), PER_SLOT)  # the first page ends inside slot 32
     await rig.write([(key, 1) for key in keys])
     rig.link.gate = trio.Event()
     rig.give((30, 32, 1))
@@ -244,3 +279,43 @@ async def test_a_live_move_reloads_one_slot(rig: Rig) -> None:
     assert rig.value("{m}k2") == "later"
     last = reads_of(rig.link)[-1]
     assert (last.first, last.last) == (slot, slot)
+
+
+async def test_installing_a_page_leaves_other_tasks_a_turn(rig: Rig) -> None:
+    """A page is installed in batches of about INSTALL_KEYS_PER_CHECKPOINT keys with a
+    checkpoint between them, so heartbeats and gets never wait behind a whole page."""
+    keys = keys_in(range(40, 60), RESEED_PAGE_ITEMS // 20)  # one page: 20 slots
+    await rig.write([(key, 1) for key in keys])
+    installed: list[int] = []  # keys in the store at each checkpoint
+
+    async def counted() -> None:
+        installed.append(sum(rig.state.store.key_count(slot) for slot in range(40, 60)))
+        await trio.lowlevel.checkpoint()
+
+    rig.reseeder.checkpoint = counted
+    rig.give((40, 59, 1))
+    await rig.wait_ready(range(40, 60))
+    steps = [after - before for before, after in itertools.pairwise([0, *installed, len(keys)])]
+    assert len(installed) >= 1
+    assert max(steps) <= INSTALL_KEYS_PER_CHECKPOINT + RESEED_PAGE_ITEMS // 20
+
+
+async def test_a_row_of_fenced_slots_pauses_for_a_new_grant(rig: Rig) -> None:
+    """A grant behind the map (the commander moved many slots on): a few fenced reads, then a
+    pause for the next grant, not one db round trip per slot."""
+    keys = keys_in(range(20, 51), 2)
+    await rig.write([(key, "v") for key in keys])
+    newer = rig.grant((20, 40, 5), drone="drone-2")
+    await rig.database.handle(OTHER_DRONE, DbReadSlots(newer, 20, 40))
+    started = trio.current_time()
+    rig.give((20, 50, 3))
+    await trio.sleep(RESEED_RETRY_MS / 1000 / 2)
+    # A slow db thread may let the mock clock jump past a pause: a row of fenced reads per
+    # pause that began. One read per slot would be 21 at once.
+    pauses = 1 + int((trio.current_time() - started) // (RESEED_RETRY_MS / 1000))
+    assert MAX_SET_ASIDE_IN_A_ROW <= len(reads_of(rig.link)) <= MAX_SET_ASIDE_IN_A_ROW * pauses
+    before_catch_up = len(reads_of(rig.link))
+    rig.give((41, 50, 3), issued_ms=1)  # the next grant catches up with the map
+    await rig.wait_ready(range(41, 51))
+    assert all(rig.value(key) == "v" for key in keys if key_slot(key) > 40)
+    assert len(reads_of(rig.link)) <= before_catch_up + MAX_SET_ASIDE_IN_A_ROW + 2

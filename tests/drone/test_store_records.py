@@ -10,6 +10,7 @@ import pytest
 
 from keyval.keys import canonical_key
 from keyval.store import SlotStore
+from wire import codec
 from wire.errors import BadRequest
 
 VALUES: list[Any] = [
@@ -72,3 +73,32 @@ def test_a_key_costs_under_200_bytes() -> None:
     finally:
         tracemalloc.stop()
     assert grown / (slots * 50) < 200
+
+
+def test_a_slot_installs_from_encoded_values() -> None:
+    store = SlotStore()
+    keys = sorted(canonical_key(f"k{index}") for index in range(len(VALUES)))
+    versions = [2**40 + index + 1 for index in range(len(VALUES))]
+    store.install_slot_encoded(4, keys, [codec.encode(v) for v in VALUES], versions)
+    assert list(store.scan(4)) == list(zip(keys, VALUES, versions, strict=True))
+    assert store.next_version(4, 1) > max(versions)  # the counter starts above them
+    store.install_slot_encoded(5, [], [], [])
+    assert store.has_slot(5) and store.key_count(5) == 0
+
+
+@pytest.mark.parametrize(
+    ("keys", "values", "versions"),
+    [
+        ([b"k"], [b"\x01"], [0]),
+        ([b"k"], [b"\x01"], [2**64]),
+        ([b"k"], [b"\x01"], [True]),
+        (["k"], [b"\x01"], [1]),
+        ([b"k"], [1], [1]),
+        ([b"k", b"l"], [b"\x01"], [1, 2]),
+    ],
+)
+def test_bad_encoded_reseed_items_are_refused(
+    keys: list[Any], values: list[Any], versions: list[Any]
+) -> None:
+    with pytest.raises(BadRequest):
+        SlotStore().install_slot_encoded(3, keys, values, versions)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire.codec import check_value, decode, encode, encode_canonical
+from wire.codec import check_each, check_value, decode, encode, encode_canonical
 from wire.errors import DecodeError, LocalProtocolError
 from wire.limits import MAX_DEPTH
 
@@ -142,3 +142,46 @@ def test_every_tag_is_refused_including_those_cbor2_knows(number: int) -> None:
 def test_integers_beyond_64_bits_are_refused(value: object) -> None:
     with pytest.raises(LocalProtocolError, match="64-bit"):
         check_value(value)
+
+
+# ------------------------------------------------------------------ check_each
+
+
+@given(st.lists(values, max_size=8))
+def test_check_each_accepts_what_decode_accepts(items: list[Any]) -> None:
+    check_each([encode(item) for item in items])
+
+
+@given(st.lists(st.binary(max_size=12), max_size=6))
+def test_check_each_agrees_with_decode_item_by_item(blobs: list[bytes]) -> None:
+    """Never fooled by where one item ends: a cut item and a surplus one still fail."""
+    bad = None
+    for index, blob in enumerate(blobs):
+        try:
+            decode(blob)
+        except DecodeError:
+            bad = index
+            break
+    if bad is None:
+        check_each(blobs)
+    else:
+        with pytest.raises(DecodeError) as caught:
+            check_each(blobs)
+        assert caught.value.detail["index"] <= bad
+
+
+@pytest.mark.parametrize(
+    ("blobs", "index"),
+    [
+        ([b"\x01", b"\x82\x01", b"\x02"], 1),  # cut; the next item would complete it
+        ([b"\x01\x02", b""], 0),  # two items in one
+        ([b"\x01", b""], 1),  # nothing
+        ([b"\x01", b"\xc1\x01"], 1),  # a tag
+        ([b"\xf7"], 0),  # undefined
+        ([b"\x81\xa1\x80\x00"], 0),  # an array as a map key, inside an array
+    ],
+)
+def test_check_each_names_the_bad_item(blobs: list[bytes], index: int) -> None:
+    with pytest.raises(DecodeError) as caught:
+        check_each(blobs)
+    assert caught.value.detail["index"] == index

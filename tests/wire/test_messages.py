@@ -130,3 +130,23 @@ def test_unknown_error_code_becomes_internal_with_the_code_kept() -> None:
     error = service_error("FROM_THE_FUTURE", "m")
     assert isinstance(error, errors.Internal)
     assert error.detail == {"unknown_code": "FROM_THE_FUTURE"}
+
+
+@message("test.columns")
+class Columns(Message):
+    """Columns of exact scalars: checked with one type scan, item by item when that fails."""
+
+    numbers: list[int]
+    names: tuple[bytes, ...]
+
+
+def test_columns_of_exact_scalars_round_trip_and_refuse_other_types() -> None:
+    msg = Columns(numbers=[1, 2, 2**63], names=(b"a", b"b"))
+    assert decode_message(encode_message(3, msg)) == (3, msg)
+    assert Columns(numbers=[], names=[b"x"]).names == (b"x",)  # type: ignore[arg-type]
+    for numbers, names in (([1, True], [b"a"]), ([1, "2"], [b"a"]), ([1], [b"a", "b"])):
+        with pytest.raises(LocalProtocolError, match="expected"):
+            Columns(numbers=numbers, names=names)  # type: ignore[arg-type]
+        fields = {"numbers": numbers, "names": names}
+        with pytest.raises(DecodeError):
+            decode_message(codec.encode(["test.columns", 1, fields]))
