@@ -1,19 +1,18 @@
-"""Per-slot storage: the drone's in-memory data.
+"""Per-slot ordered storage: the drone's in-memory data.
 
-Each slot the drone holds is a plain `dict` from canonical key bytes (keyval.keys) to one
-`bytes` record: the version as 8 big-endian bytes, then the value's CBOR. One small object
-per key instead of a `(value, version)` tuple, a version int and a value object. A read
-decodes the value (about a microsecond for a small one).
+Each key is one `bytes` record: the version as 8 big-endian bytes, then the value's CBOR. One
+small object per key instead of a `(value, version)` tuple, a version int and a value object.
+A read decodes the value (about a microsecond for a small one).
 
-Key order for scans is kept apart and only for slots that are scanned: the first scan of a
-slot sorts its keys into a list, which inserts and deletes then keep sorted (bisect; a
-`SortedList` once the slot holds over SORTED_LIST_MIN_KEYS keys, so a huge hash-tagged slot
-does not pay a long memmove per insert). A slot never scanned pays nothing for order. At 1M
-keys over 16,384 slots (16-byte keys, 32-byte values, ~61 keys per slot) this is about
-180 B per key in memory (keys 64, records 80, dict slots ~36) against ~196 with a
-`SortedDict` per slot, whose per-slot objects and index lists cost ~16 B per key more; the
-benchmark targets at most 200 B of RSS per key for the whole drone. A whole slot is
-installed (no sorting) or dropped at once.
+A slot keeps its keys in order, so prefix and range scans within it are cheap and a whole slot
+is installed or dropped at once. A small slot (up to SMALL_SLOT_MAX_KEYS keys, nearly every
+slot: 1M keys over 16,384 slots is ~61 per slot) is two parallel sorted lists, keys and
+records, searched by bisection: 16 B of pointers per key and ~200 B per slot. A slot that grows
+past the bound becomes a `SortedDict` (a hash lookup and O(log n) inserts; ~46 B of table and
+index per key and ~1 KiB per slot, which only a big slot can afford). Measured in-process at 1M
+keys (16-byte keys, 32-byte values; keys are 64 B objects, records 80 B): ~165 B of RSS per key,
+against ~196 with a `SortedDict` for every slot; the benchmark's target is at most 200 B of
+RSS per key for the whole drone.
 
 Versions: a version is `epoch * 2**40 + sequence`. Each slot keeps the highest version it has
 handed out or loaded; `next_version` hands out one above both that and the epoch's base, so a
@@ -22,26 +21,23 @@ key's version never goes back, across deletes and reseeds (epochs rise on every 
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import struct
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeAlias
 
-from sortedcontainers import SortedList
+from sortedcontainers import SortedDict
 
 from wire import codec
 from wire.errors import BadRequest, Internal
 
 Entry = tuple[Any, int]  # (value, version); version > 0
 Item = tuple[bytes, Any, int]  # (canonical key, value, version)
-# A scanned slot's keys in order: a plain list while small, a SortedList once large.
-Order: TypeAlias = "list[bytes] | SortedList"
 
-# Above this many keys a slot's order is a SortedList (O(log n) inserts); below it a plain
-# sorted list (an insert moves at most 8 KiB of pointers, cheaper than SortedList's own
-# per-slot objects, which cost ~1 KiB per slot).
-SORTED_LIST_MIN_KEYS = 1024
+# Keys a slot holds as two sorted lists before it becomes a SortedDict: inserting a new key
+# there moves up to 2 x 8 B x this many pointers (32 KiB, a couple of microseconds), and a
+# lookup is at most 12 key comparisons.
+SMALL_SLOT_MAX_KEYS = 2048
 
 # Versions are epoch * 2**40 + a per-slot sequence: 2**40 writes to one slot in one epoch
 # (a trillion) is beyond any slot's life between moves.
@@ -72,14 +68,91 @@ def _entry(record: bytes) -> Entry:
     return codec.decode(record[_VERSION_BYTES:]), _version(record)
 
 
-class SlotStore:
-    """The keys of every slot this drone holds; key order only for slots that are scanned."""
+class _SmallSlot:
+    """A small slot: its keys in order and their records at the same index (bisection).
 
-    __slots__ = ("_last_version", "_orders", "_slots")
+    Offers the part of the SortedDict interface the store uses, so either holds a slot."""
+
+    __slots__ = ("keys", "records")
+
+    def __init__(self, records: dict[bytes, bytes]) -> None:
+        pairs = sorted(records.items())  # keys are unique: records are never compared
+        self.keys = [key for key, _ in pairs]
+        self.records = [record for _, record in pairs]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _index(self, key: bytes) -> int:
+        """The index of `key`, or -1."""
+        keys = self.keys
+        index = bisect_left(keys, key)
+        return index if index < len(keys) and keys[index] == key else -1
+
+    def __contains__(self, key: bytes) -> bool:
+        return self._index(key) >= 0
+
+    def __getitem__(self, key: bytes) -> bytes:
+        index = self._index(key)
+        if index < 0:
+            raise KeyError(key)
+        return self.records[index]
+
+    def get(self, key: bytes) -> bytes | None:
+        keys = self.keys  # _index inlined: this is every read's lookup
+        index = bisect_left(keys, key)
+        return self.records[index] if index < len(keys) and keys[index] == key else None
+
+    def __setitem__(self, key: bytes, record: bytes) -> None:
+        keys = self.keys
+        index = bisect_left(keys, key)
+        if index < len(keys) and keys[index] == key:
+            self.records[index] = record
+        else:
+            keys.insert(index, key)
+            self.records.insert(index, record)
+
+    def __delitem__(self, key: bytes) -> None:
+        index = self._index(key)
+        if index < 0:
+            raise KeyError(key)
+        del self.keys[index]
+        del self.records[index]
+
+    def irange(
+        self, lower: bytes | None, upper: bytes | None, inclusive: tuple[bool, bool]
+    ) -> Iterator[bytes]:
+        """Keys from `lower` to `upper` (each None for open), as SortedDict.irange."""
+        keys = self.keys
+        first, stop = 0, len(keys)
+        if lower is not None:
+            first = (bisect_left if inclusive[0] else bisect_right)(keys, lower)
+        if upper is not None:
+            stop = (bisect_right if inclusive[1] else bisect_left)(keys, upper)
+        return iter(keys[first:stop])
+
+    def pairs(self) -> Iterator[tuple[bytes, bytes]]:
+        return zip(self.keys, self.records, strict=True)
+
+
+# A slot's keys and records: small slots as sorted lists, big ones as a SortedDict.
+SlotData: TypeAlias = "_SmallSlot | SortedDict"
+
+
+def _slot_data(records: dict[bytes, bytes]) -> SlotData:
+    """A slot holding `records`, sorted once (not a sorted insert per key)."""
+    if len(records) > SMALL_SLOT_MAX_KEYS:
+        return SortedDict(records)
+    return _SmallSlot(records)
+
+
+class SlotStore:
+    """The keys of every slot this drone holds, ordered per slot."""
+
+    __slots__ = ("_last_version", "_slots")
 
     def __init__(self) -> None:
-        self._slots: dict[int, dict[bytes, bytes]] = {}
-        self._orders: dict[int, Order] = {}  # built by the first scan of a slot, then kept
+        self._slots: dict[int, SlotData] = {}
         self._last_version: dict[int, int] = {}
 
     # ------------------------------------------------------------ slots as a whole
@@ -92,16 +165,15 @@ class SlotStore:
 
     def install_slot(self, slot: int, items: Iterable[Item]) -> None:
         """Replace `slot` with `items` (in any order); its version counter starts above them."""
-        data: dict[bytes, bytes] = {}
+        records: dict[bytes, bytes] = {}
         highest = 0
         for key, value, version in items:
             if type(key) is not bytes or type(version) is not int or not 0 < version < 2**64:
                 raise BadRequest(f"bad reseed item for slot {slot}: version {version!r}")
-            data[key] = _record(value, version)
+            records[key] = _record(value, version)
             if version > highest:
                 highest = version
-        self._slots[slot] = data
-        self._orders.pop(slot, None)  # sorted again by the next scan
+        self._slots[slot] = _slot_data(records)
         self._last_version[slot] = highest
 
     def create_slot(self, slot: int) -> None:
@@ -110,21 +182,21 @@ class SlotStore:
 
     def drop_slot(self, slot: int) -> None:
         self._slots.pop(slot, None)
-        self._orders.pop(slot, None)
         self._last_version.pop(slot, None)
 
     def key_count(self, slot: int | None = None) -> int:
         if slot is not None:
-            return len(self._slots.get(slot, ()))
+            data = self._slots.get(slot)
+            return 0 if data is None else len(data)
         return sum(len(data) for data in self._slots.values())
 
-    def ordered_slots(self) -> int:
-        """How many slots currently keep a key order (slots scanned since they were loaded)."""
-        return len(self._orders)
+    def big_slots(self) -> int:
+        """How many slots hold over SMALL_SLOT_MAX_KEYS keys (each kept as a SortedDict)."""
+        return sum(type(data) is SortedDict for data in self._slots.values())
 
     # ------------------------------------------------------------ single keys
 
-    def _data(self, slot: int) -> dict[bytes, bytes]:
+    def _data(self, slot: int) -> SlotData:
         data = self._slots.get(slot)
         if data is None:
             raise Internal(f"slot {slot} is not loaded in this store")
@@ -162,11 +234,10 @@ class SlotStore:
         if deleted:
             if current is not None:
                 del data[key]
-                self._order_remove(slot, key)
         else:
             data[key] = _record(value, version)
-            if current is None:
-                self._order_insert(slot, key)
+            if current is None and type(data) is _SmallSlot and len(data) > SMALL_SLOT_MAX_KEYS:
+                self._slots[slot] = SortedDict(data.pairs())
         if version > self._last_version.get(slot, 0):
             self._last_version[slot] = version
         return True
@@ -174,38 +245,6 @@ class SlotStore:
     def conflicts(self, reads: Iterable[tuple[int, bytes, int]]) -> list[bytes]:
         """OCC validation: the keys of `reads` (slot, key, version seen) whose version moved."""
         return [key for slot, key, seen in reads if self.version_of(slot, key) != seen]
-
-    # ------------------------------------------------------------ key order
-
-    def _order_insert(self, slot: int, key: bytes) -> None:
-        order = self._orders.get(slot)
-        if order is None:
-            return
-        if isinstance(order, SortedList):
-            order.add(key)
-            return
-        bisect.insort(order, key)
-        if len(order) > SORTED_LIST_MIN_KEYS:
-            self._orders[slot] = SortedList(order)
-
-    def _order_remove(self, slot: int, key: bytes) -> None:
-        order = self._orders.get(slot)
-        if order is None:
-            return
-        if isinstance(order, SortedList):
-            order.remove(key)
-            return
-        del order[bisect.bisect_left(order, key)]
-
-    def _order(self, slot: int, data: dict[bytes, bytes]) -> Order:
-        order = self._orders.get(slot)
-        if order is None:
-            keys = sorted(data)
-            order = keys if len(keys) <= SORTED_LIST_MIN_KEYS else SortedList(keys)
-            self._orders[slot] = order
-        if len(order) != len(data):
-            raise Internal(f"slot {slot}: key order holds {len(order)} keys, data {len(data)}")
-        return order
 
     # ------------------------------------------------------------ scans
 
@@ -220,29 +259,15 @@ class SlotStore:
     ) -> Iterator[Item]:
         """Items of `slot` in key order: keys starting with `prefix`, in [start, end), and
         strictly after `after`. A generator: the caller stops when its page is full, and
-        must not change the slot while it holds the generator (no await in between)."""
+        does not change the slot while it iterates (no await in between)."""
         data = self._data(slot)
         lower, lower_inclusive = start, True
         if prefix is not None and (lower is None or prefix > lower):
             lower = prefix
         if after is not None and (lower is None or after >= lower):
             lower, lower_inclusive = after, False
-        for key in _keys_between(self._order(slot, data), lower, lower_inclusive, end):
+        for key in data.irange(lower, end, inclusive=(lower_inclusive, False)):
             if prefix is not None and not key.startswith(prefix):
                 return
             value, version = _entry(data[key])
             yield key, value, version
-
-
-def _keys_between(
-    order: Order, lower: bytes | None, lower_inclusive: bool, upper: bytes | None
-) -> Iterator[bytes]:
-    """Keys of `order` from `lower` (inclusive or not) up to `upper` (exclusive)."""
-    if isinstance(order, SortedList):
-        keys: Iterator[bytes] = order.irange(lower, upper, inclusive=(lower_inclusive, False))
-        return keys
-    first = 0
-    if lower is not None:
-        first = (bisect.bisect_left if lower_inclusive else bisect.bisect_right)(order, lower)
-    stop = len(order) if upper is None else bisect.bisect_left(order, upper)
-    return itertools.islice(order, first, max(first, stop))

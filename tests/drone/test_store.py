@@ -7,7 +7,7 @@ import random
 import pytest
 
 from keyval.keys import canonical_key as ck
-from keyval.store import EPOCH_SHIFT_BITS, SORTED_LIST_MIN_KEYS, SlotStore
+from keyval.store import EPOCH_SHIFT_BITS, SMALL_SLOT_MAX_KEYS, SlotStore
 from wire.errors import BadRequest, Internal
 
 
@@ -115,21 +115,11 @@ def test_drop_slot_forgets_data_and_counts() -> None:
     assert not store.has_slot(7) and store.key_count() == 0
 
 
-def test_a_slot_keeps_no_key_order_until_it_is_scanned() -> None:
+def test_inserts_deletes_and_updates_keep_the_order() -> None:
     store = filled()
-    assert store.ordered_slots() == 0
-    assert store.get(7, ck("apple")) == ("v-apple", 5)
-    assert store.ordered_slots() == 0
-    list(store.scan(7, prefix=ck("user:")))
-    assert store.ordered_slots() == 1
-
-
-def test_inserts_and_deletes_after_a_scan_keep_the_order() -> None:
-    store = filled()
-    list(store.scan(7))  # builds the order
     store.apply(7, ck("user:bb"), "new", 10, deleted=False)
     store.apply(7, ck("apple"), None, 11, deleted=True)
-    store.apply(7, ck("missing"), None, 12, deleted=True)  # deleting an absent key
+    assert store.apply(7, ck("missing"), None, 12, deleted=True)  # deleting an absent key
     store.apply(7, ck("zebra"), "changed", 13, deleted=False)  # an update, not an insert
     expected = sorted([ck(n) for n in ["user:a", "user:b", "user:bb", "user:c", "usex", "zebra"]])
     assert keys_of(store.scan(7)) == expected
@@ -138,41 +128,48 @@ def test_inserts_and_deletes_after_a_scan_keep_the_order() -> None:
         ck("user:c"),
     ]
     assert store.get(7, ck("zebra")) == ("changed", 13)
+    assert store.key_count(7) == 6 and not store.contains(7, ck("apple"))
 
 
-def test_reseed_and_drop_forget_the_order() -> None:
-    store = filled()
-    list(store.scan(7))
-    store.install_slot(7, [(ck("b"), 2, 20), (ck("a"), 1, 21)])
-    assert store.ordered_slots() == 0
-    assert keys_of(store.scan(7)) == [ck("a"), ck("b")]
-    store.drop_slot(7)
-    assert store.ordered_slots() == 0
+def test_a_reseed_with_a_repeated_key_keeps_the_last() -> None:
+    store = SlotStore()
+    store.install_slot(7, [(ck("b"), 2, 20), (ck("a"), 1, 21), (ck("b"), 3, 22)])
+    assert list(store.scan(7)) == [(ck("a"), 1, 21), (ck("b"), 3, 22)]
 
 
-def test_a_large_slot_scans_in_order_through_inserts_and_deletes() -> None:
-    """Past SORTED_LIST_MIN_KEYS a slot's order switches to a SortedList; scans still agree
-    with sorting the keys, with every bound, before and after the switch."""
+def _check_scans(store: SlotStore, slot: int, live: set[bytes]) -> None:
+    ordered = sorted(live)
+    assert keys_of(store.scan(slot)) == ordered
+    low, high = ck("k01000"), ck("k02000")
+    assert keys_of(store.scan(slot, start=low, end=high)) == [k for k in ordered if low <= k < high]
+    assert keys_of(store.scan(slot, after=low)) == [k for k in ordered if k > low]
+    assert keys_of(store.scan(slot, prefix=ck("k011"))) == [
+        k for k in ordered if k.startswith(ck("k011"))
+    ]
+    assert store.key_count(slot) == len(live)
+    assert all(store.contains(slot, key) for key in live)
+
+
+def test_a_slot_growing_past_the_small_bound_keeps_every_key_and_the_order() -> None:
+    """Past SMALL_SLOT_MAX_KEYS a slot becomes a SortedDict; gets and scans agree with a model
+    before and after, through inserts, updates and deletes."""
     rng = random.Random(4)
     store = SlotStore()
     store.create_slot(2)
     live: set[bytes] = set()
     version = 0
-    for round_number in range(3):
-        for _ in range(SORTED_LIST_MIN_KEYS):
+    for _ in range(4):
+        for _ in range(SMALL_SLOT_MAX_KEYS):
             version += 1
-            key = ck(f"k{rng.randrange(4 * SORTED_LIST_MIN_KEYS):05d}")
+            key = ck(f"k{rng.randrange(3 * SMALL_SLOT_MAX_KEYS):05d}")
             deleted = rng.random() < 0.3
             store.apply(2, key, version, version, deleted=deleted)
             (live.discard if deleted else live.add)(key)
-        ordered = sorted(live)
-        assert keys_of(store.scan(2)) == ordered, round_number
-        low, high = ck("k01000"), ck("k02000")
-        assert keys_of(store.scan(2, start=low, end=high)) == [
-            k for k in ordered if low <= k < high
-        ]
-        assert keys_of(store.scan(2, after=low)) == [k for k in ordered if k > low]
-        assert keys_of(store.scan(2, prefix=ck("k011"))) == [
-            k for k in ordered if k.startswith(ck("k011"))
-        ]
-    assert len(live) > SORTED_LIST_MIN_KEYS
+        _check_scans(store, 2, live)
+    assert len(live) > SMALL_SLOT_MAX_KEYS and store.big_slots() == 1
+    items = list(store.scan(2))
+    store.install_slot(3, items)  # a reseed of a big slot is big at once
+    assert store.big_slots() == 2 and list(store.scan(3)) == items
+    store.install_slot(2, items[:10])  # and of a small one, small
+    assert store.big_slots() == 1
+    _check_scans(store, 2, {key for key, _, _ in items[:10]})
