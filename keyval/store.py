@@ -6,13 +6,15 @@ A read decodes the value (about a microsecond for a small one).
 
 A slot keeps its keys in order, so prefix and range scans within it are cheap and a whole slot
 is installed or dropped at once. A small slot (up to SMALL_SLOT_MAX_KEYS keys, nearly every
-slot: 1M keys over 16,384 slots is ~61 per slot) is two parallel sorted lists, keys and
-records, searched by bisection: 16 B of pointers per key and ~200 B per slot. A slot that grows
-past the bound becomes a `SortedDict` (a hash lookup and O(log n) inserts; ~46 B of table and
-index per key and ~1 KiB per slot, which only a big slot can afford). Measured in-process at 1M
-keys (16-byte keys, 32-byte values; keys are 64 B objects, records 80 B): ~165 B of RSS per key,
-against ~196 with a `SortedDict` for every slot; the benchmark's target is at most 200 B of
-RSS per key for the whole drone.
+slot: 1M keys over 16,384 slots is ~61 per slot) is one sorted list of entries, each one bytes
+object holding the (escaped) key and then its record, found by bisection: for a 16-byte key
+and a 32-byte value one 96 B object plus an 8 B list pointer, against a 64 B key, an 80 B
+record and a hash table slot. A slot that grows past the bound becomes a `SortedDict` of key
+to record (a hash lookup and O(log n) inserts; ~46 B of table and index per key and ~1 KiB
+per slot, which only a big slot can afford). Measured in-process at 1M such keys: ~107 B of
+RSS per key, against ~196 with a `SortedDict` for every slot (the benchmark's target is at
+most 200 B of RSS per key for the whole drone). The price is a lookup of ~0.8 us of CPU
+instead of ~0.3 (escape the key, bisect, slice the record out).
 
 Versions: a version is `epoch * 2**40 + sequence`. Each slot keeps the highest version it has
 handed out or loaded; `next_version` hands out one above both that and the epoch's base, so a
@@ -22,7 +24,7 @@ key's version never goes back, across deletes and reseeds (epochs rise on every 
 from __future__ import annotations
 
 import struct
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeAlias
 
@@ -34,8 +36,8 @@ from wire.errors import BadRequest, Internal
 Entry = tuple[Any, int]  # (value, version); version > 0
 Item = tuple[bytes, Any, int]  # (canonical key, value, version)
 
-# Keys a slot holds as two sorted lists before it becomes a SortedDict: inserting a new key
-# there moves up to 2 x 8 B x this many pointers (32 KiB, a couple of microseconds), and a
+# Keys a slot holds as a sorted list of entries before it becomes a SortedDict: inserting a
+# new key there moves up to 8 B x this many pointers (16 KiB, about a microsecond), and a
 # lookup is at most 12 key comparisons.
 SMALL_SLOT_MAX_KEYS = 2048
 
@@ -68,81 +70,116 @@ def _entry(record: bytes) -> Entry:
     return codec.decode(record[_VERSION_BYTES:]), _version(record)
 
 
+# A small slot's entry is one bytes object: its key, escaped so that entries sort as their
+# keys do and no entry's key part is a prefix of another's (each 0x00 byte becomes 0x00 0xFF,
+# then 0x00 0x00 ends the key: FoundationDB's tuple layer encodes byte strings the same way),
+# then the key's record. One object per key instead of a key and a record: 96 B against
+# 64 + 80 for a 16-byte key with a 32-byte value.
+_ZERO = b"\x00"
+_ESCAPED_ZERO = b"\x00\xff"
+_KEY_END = b"\x00\x00"
+
+
+def _entry_prefix(key: bytes) -> bytes:
+    """What a key's entry starts with; also the probe that finds it by bisection."""
+    if _ZERO in key:
+        key = key.replace(_ZERO, _ESCAPED_ZERO)
+    return key + _KEY_END
+
+
+def _split_entry(entry: bytes) -> tuple[bytes, bytes]:
+    """(key, record) of an entry; the first 0x00 0x00 ends the escaped key."""
+    end = entry.index(_KEY_END)
+    key = entry[:end]
+    if _ZERO in key:
+        key = key.replace(_ESCAPED_ZERO, _ZERO)
+    return key, entry[end + len(_KEY_END) :]
+
+
 class _SmallSlot:
-    """A small slot: its keys in order and their records at the same index (bisection).
+    """A small slot: one sorted list of entries (escaped key, then record), bisected.
 
-    Offers the part of the SortedDict interface the store uses, so either holds a slot."""
+    Offers what the store needs of a slot (get, set, delete, `between`), as `_BigSlot` does."""
 
-    __slots__ = ("keys", "records")
+    __slots__ = ("entries",)
 
     def __init__(self, records: dict[bytes, bytes]) -> None:
-        pairs = sorted(records.items())  # keys are unique: records are never compared
-        self.keys = [key for key, _ in pairs]
-        self.records = [record for _, record in pairs]
+        self.entries = sorted(_entry_prefix(key) + record for key, record in records.items())
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.entries)
 
-    def _index(self, key: bytes) -> int:
-        """The index of `key`, or -1."""
-        keys = self.keys
-        index = bisect_left(keys, key)
-        return index if index < len(keys) and keys[index] == key else -1
-
-    def __contains__(self, key: bytes) -> bool:
-        return self._index(key) >= 0
-
-    def __getitem__(self, key: bytes) -> bytes:
-        index = self._index(key)
-        if index < 0:
-            raise KeyError(key)
-        return self.records[index]
+    def _find(self, key: bytes) -> tuple[int, int]:
+        """(index of `key`'s entry or where it would go, its key part's length or 0)."""
+        probe = _entry_prefix(key)
+        entries = self.entries
+        index = bisect_left(entries, probe)
+        found = index < len(entries) and entries[index].startswith(probe)
+        return index, len(probe) if found else 0
 
     def get(self, key: bytes) -> bytes | None:
-        keys = self.keys  # _index inlined: this is every read's lookup
-        index = bisect_left(keys, key)
-        return self.records[index] if index < len(keys) and keys[index] == key else None
+        probe = _entry_prefix(key)  # _find inlined: this is every read's lookup
+        entries = self.entries
+        index = bisect_left(entries, probe)
+        if index < len(entries):
+            entry = entries[index]
+            if entry.startswith(probe):
+                return entry[len(probe) :]
+        return None
+
+    def __contains__(self, key: bytes) -> bool:
+        return self._find(key)[1] > 0
 
     def __setitem__(self, key: bytes, record: bytes) -> None:
-        keys = self.keys
-        index = bisect_left(keys, key)
-        if index < len(keys) and keys[index] == key:
-            self.records[index] = record
+        index, prefix_bytes = self._find(key)
+        entry = _entry_prefix(key) + record
+        if prefix_bytes:
+            self.entries[index] = entry
         else:
-            keys.insert(index, key)
-            self.records.insert(index, record)
+            self.entries.insert(index, entry)
 
     def __delitem__(self, key: bytes) -> None:
-        index = self._index(key)
-        if index < 0:
+        index, prefix_bytes = self._find(key)
+        if not prefix_bytes:
             raise KeyError(key)
-        del self.keys[index]
-        del self.records[index]
+        del self.entries[index]
 
-    def irange(
-        self, lower: bytes | None, upper: bytes | None, inclusive: tuple[bool, bool]
-    ) -> Iterator[bytes]:
-        """Keys from `lower` to `upper` (each None for open), as SortedDict.irange."""
-        keys = self.keys
-        first, stop = 0, len(keys)
+    def between(
+        self, lower: bytes | None, lower_inclusive: bool, upper: bytes | None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, record) in key order from `lower` (None: the first) to `upper` (exclusive)."""
+        entries = self.entries
+        first, stop = 0, len(entries)
         if lower is not None:
-            first = (bisect_left if inclusive[0] else bisect_right)(keys, lower)
+            first, prefix_bytes = self._find(lower)
+            if prefix_bytes and not lower_inclusive:
+                first += 1
         if upper is not None:
-            stop = (bisect_right if inclusive[1] else bisect_left)(keys, upper)
-        return iter(keys[first:stop])
+            stop = self._find(upper)[0]
+        return map(_split_entry, entries[first:stop])
 
     def pairs(self) -> Iterator[tuple[bytes, bytes]]:
-        return zip(self.keys, self.records, strict=True)
+        return map(_split_entry, self.entries)
 
 
-# A slot's keys and records: small slots as sorted lists, big ones as a SortedDict.
-SlotData: TypeAlias = "_SmallSlot | SortedDict"
+class _BigSlot(SortedDict):
+    """A big slot: a SortedDict from key to record (hashed lookups, O(log n) inserts)."""
+
+    def between(
+        self, lower: bytes | None, lower_inclusive: bool, upper: bytes | None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, record) in key order from `lower` (None: the first) to `upper` (exclusive)."""
+        for key in self.irange(lower, upper, inclusive=(lower_inclusive, False)):
+            yield key, self[key]
+
+
+SlotData: TypeAlias = "_SmallSlot | _BigSlot"
 
 
 def _slot_data(records: dict[bytes, bytes]) -> SlotData:
     """A slot holding `records`, sorted once (not a sorted insert per key)."""
     if len(records) > SMALL_SLOT_MAX_KEYS:
-        return SortedDict(records)
+        return _BigSlot(records)
     return _SmallSlot(records)
 
 
@@ -192,7 +229,7 @@ class SlotStore:
 
     def big_slots(self) -> int:
         """How many slots hold over SMALL_SLOT_MAX_KEYS keys (each kept as a SortedDict)."""
-        return sum(type(data) is SortedDict for data in self._slots.values())
+        return sum(type(data) is _BigSlot for data in self._slots.values())
 
     # ------------------------------------------------------------ single keys
 
@@ -237,7 +274,7 @@ class SlotStore:
         else:
             data[key] = _record(value, version)
             if current is None and type(data) is _SmallSlot and len(data) > SMALL_SLOT_MAX_KEYS:
-                self._slots[slot] = SortedDict(data.pairs())
+                self._slots[slot] = _BigSlot(data.pairs())
         if version > self._last_version.get(slot, 0):
             self._last_version[slot] = version
         return True
@@ -266,8 +303,8 @@ class SlotStore:
             lower = prefix
         if after is not None and (lower is None or after >= lower):
             lower, lower_inclusive = after, False
-        for key in data.irange(lower, end, inclusive=(lower_inclusive, False)):
+        for key, record in data.between(lower, lower_inclusive, end):
             if prefix is not None and not key.startswith(prefix):
                 return
-            value, version = _entry(data[key])
+            value, version = _entry(record)
             yield key, value, version

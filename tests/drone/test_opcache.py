@@ -10,9 +10,10 @@ import trio
 
 from keyval.drone.opcache import OpCache
 from keyval.messages import Committed, Written
+from wire.messages import Message
 
 
-async def _remember(cache: OpCache, op_id: bytes, reply: Written | Committed) -> None:
+async def _remember(cache: OpCache, op_id: bytes, reply: Message) -> None:
     assert await cache.begin(op_id) is None
     cache.finish(op_id, reply)
 

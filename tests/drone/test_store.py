@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -173,3 +174,34 @@ def test_a_slot_growing_past_the_small_bound_keeps_every_key_and_the_order() -> 
     store.install_slot(2, items[:10])  # and of a small one, small
     assert store.big_slots() == 1
     _check_scans(store, 2, {key for key, _, _ in items[:10]})
+
+
+def test_keys_with_zero_bytes_and_shared_prefixes_sort_and_scan_as_bytes() -> None:
+    """A small slot's entries escape 0x00 in keys: keys over {00, 01, ff} up to 3 bytes (each a
+    prefix of others) keep bytewise order in scans and bounds, and read back exactly."""
+    alphabet = [b"\x00", b"\x01", b"\xff"]
+    keys = [b""]
+    for length in range(1, 4):
+        keys += [b"".join(parts) for parts in itertools.product(alphabet, repeat=length)]
+    rng = random.Random(9)
+    rng.shuffle(keys)
+    store = SlotStore()
+    store.install_slot(5, [(key, index, index + 1) for index, key in enumerate(keys[:20])])
+    for index, key in enumerate(keys[20:], 21):
+        store.apply(5, key, index, index, deleted=False)
+    ordered = sorted(keys)
+    assert keys_of(store.scan(5)) == ordered
+    assert store.big_slots() == 0
+    for key in keys:
+        assert store.contains(5, key)
+        assert store.version_of(5, key) == store.get(5, key)[1]  # type: ignore[index]
+        assert keys_of(store.scan(5, after=key)) == [k for k in ordered if k > key]
+        assert keys_of(store.scan(5, start=key)) == [k for k in ordered if k >= key]
+        assert keys_of(store.scan(5, end=key)) == [k for k in ordered if k < key]
+        assert keys_of(store.scan(5, prefix=key)) == [k for k in ordered if k.startswith(key)]
+    for key in keys[::2]:
+        store.apply(5, key, None, 100, deleted=True)
+    assert keys_of(store.scan(5)) == sorted(keys[1::2])
+    assert not store.contains(5, keys[0]) and store.get(5, keys[0]) is None
+    for absent in (b"\x00" * 4, b"\x00\xff\x00\x00", b"\x02"):  # none of the keys above
+        assert store.get(5, absent) is None and not store.contains(5, absent)
