@@ -12,7 +12,8 @@ Memory: the cache is full after MAX_CACHED_OPS writes and stays so, which shows 
 footprint per key (the 1M-key benchmark). So an entry is kept small: a plain dict from op id
 to the reply, a deque of op ids for the eviction order (8 B each; an OrderedDict's links cost
 ~50 B), and the commonest reply, `Written`, kept as one int (`version << 1 | existed`) and
-rebuilt on a hit: ~150 B per entry against ~360 for an OrderedDict of `Written` objects.
+rebuilt on a hit: 155 B per entry traced (tests/drone/test_opcache.py) against 257 for an
+OrderedDict of `Written` objects, whose 64 Ki entries took 24 MB of RSS.
 """
 
 from __future__ import annotations
