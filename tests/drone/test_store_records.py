@@ -57,8 +57,9 @@ def test_a_reseed_item_with_a_bad_version_is_refused(version: Any) -> None:
         store.install_slot(3, [(canonical_key("k"), "v", version)])
 
 
-def test_a_key_costs_under_200_bytes() -> None:
-    """16-byte keys, 32-byte values, 50 keys per slot (the 1M-key benchmark's density)."""
+def test_a_key_costs_under_120_bytes() -> None:
+    """16-byte keys, 32-byte values, 50 keys per slot (the 1M-key benchmark's density): ~103 B
+    traced (a SortedDict per slot was ~172; the drone's RSS target is 200 B per key)."""
     store = SlotStore()
     slots = 400
     for slot in range(slots):
@@ -72,7 +73,7 @@ def test_a_key_costs_under_200_bytes() -> None:
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert grown / (slots * 50) < 200
+    assert grown / (slots * 50) < 120
 
 
 def test_a_slot_installs_from_encoded_values() -> None:
