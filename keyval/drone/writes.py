@@ -245,12 +245,13 @@ async def _write(
     return await state.batcher.commit(op, size_bytes, on_done)
 
 
-def _apply(state: DroneState, writes: list[DbWrite]) -> None:
-    for write in writes:
-        if state.store.has_slot(write.slot):
-            state.store.apply(
-                write.slot, write.key, write.value, write.version, deleted=write.deleted
-            )
+def _apply(state: DroneState, writes: list[DbWrite], versions: Sequence[int] | None = None) -> None:
+    """Install `writes` in memory, with `versions` in place of their own when given."""
+    store = state.store
+    for index, write in enumerate(writes):
+        if store.has_slot(write.slot):
+            version = write.version if versions is None else versions[index]
+            store.apply(write.slot, write.key, write.value, version, deleted=write.deleted)
 
 
 def _completion(
@@ -266,12 +267,8 @@ def _completion(
                 # Versions other than ours: the db answered a retried op_id with its first
                 # result and applied nothing now. Install that result (same writes, the
                 # db's versions); `apply` skips a key that already holds something newer.
-                _apply(state, [_with_version(w, v) for w, v in zip(planned, versions, strict=True)])
+                _apply(state, planned, versions)
         finally:
             state.pending.resolve(keys)
 
     return on_done
-
-
-def _with_version(write: DbWrite, version: int) -> DbWrite:
-    return DbWrite(write.slot, write.key, write.value, write.deleted, version)
