@@ -19,6 +19,7 @@ import trio
 
 from auth.roles import require_role
 from keyval.db.backend import Backend, StorageError
+from keyval.db.batch import MAX_WRITES_PER_OP, decode_ops, prepare_op
 from keyval.db.committer import CommitterStatistics, GroupCommitter
 from keyval.db.decisions import Vote, VoteCollector, check_participants
 from keyval.db.fences import FenceTable
@@ -44,7 +45,6 @@ from keyval.messages import (
     DbGrantKeyReply,
     DbLoadMap,
     DbMap,
-    DbOp,
     DbReadSlot,
     DbReadSlots,
     DbRegisterTerm,
@@ -76,15 +76,8 @@ T = TypeVar("T")
 ROLE_DRONE = "drone"
 ROLE_COMMANDER = "commander"
 
-# Client-chosen operation ids are 16 random bytes: collisions are out of reach (2**-64 after
-# 2**32 ops) and a fixed size keeps the op-result table's index small.
-OP_ID_BYTES = 16
-
-# Ops in one DbWriteBatch, writes in one op, grants in one batch. A drone flushes at most a
-# few hundred ops at a time and a transaction touches tens of keys; the bounds stop one
-# request from claiming a whole transaction's worth of memory and time.
-MAX_OPS_PER_REQUEST = 4096
-MAX_WRITES_PER_OP = 1024
+# Grants in one request (ops and writes per op: keyval.db.batch). A drone sends its one
+# current grant; a few more cover a batch written across a grant change.
 MAX_GRANTS_PER_REQUEST = 16
 
 # A slot page: at most this many items, and past the first item at most this many bytes of
@@ -260,16 +253,15 @@ class Database:
     # ------------------------------------------------------------ writes
 
     async def _write_batch(self, peer: PeerInfo, request: DbWriteBatch) -> DbBatchResult:
-        if len(request.ops) > MAX_OPS_PER_REQUEST:
-            raise TooLarge(f"{len(request.ops)} ops in one batch, limit {MAX_OPS_PER_REQUEST}")
         if len(request.grants) > MAX_GRANTS_PER_REQUEST:
             raise TooLarge(f"{len(request.grants)} grants, limit {MAX_GRANTS_PER_REQUEST}")
+        ops = decode_ops(request.ops)
         grants = self._verify_grants(request.grants, peer.name)
         results: list[OpResult | None] = []
         pending: list[_PendingOp] = []
-        for op in request.ops:
+        for index, op in enumerate(ops):
             try:
-                pending.append(_PendingOp(grants, prepare_op(op)))
+                pending.append(_PendingOp(grants, prepare_op(index, op)))
                 results.append(None)
             except ServiceError as error:
                 results.append(error_result(error))
@@ -556,16 +548,6 @@ def check_resume_point(request: DbReadSlots, first: int, last: int) -> tuple[int
 def check_txid(txid: bytes) -> None:
     if not 1 <= len(txid) <= MAX_TXID_BYTES:
         raise BadRequest(f"txid must be 1..{MAX_TXID_BYTES} bytes")
-
-
-def prepare_op(op: DbOp) -> PreparedOp:
-    """Validate one op's shape and encode its values; BadRequest/TooLarge on bad input."""
-    if len(op.op_id) != OP_ID_BYTES:
-        raise BadRequest(f"op_id must be {OP_ID_BYTES} bytes, not {len(op.op_id)}")
-    if len(op.writes) > MAX_WRITES_PER_OP:
-        raise TooLarge(f"{len(op.writes)} writes in one op, limit {MAX_WRITES_PER_OP}")
-    writes = tuple(prepare_write(write) for write in op.writes)
-    return PreparedOp(op.op_id, writes, tuple(write.version for write in writes))
 
 
 def prepare_write(write: DbWrite) -> StoredWrite:

@@ -1,6 +1,7 @@
 """Drone-side group commit: client writes go to the db in batches, a few batches in flight.
 
-`submit` queues one `DbOp` with a completion callback; it does not yield to the scheduler
+`submit` queues one op (a flat `WireOp` array, keyval.messages.pack_op) with a completion
+callback; it does not yield to the scheduler
 unless the queue is full (MAX_QUEUED_OPS, then it waits for room). The batch loop waits
 until fewer than MAX_BATCHES_IN_FLIGHT batches are at the db, then closes the next batch
 from the queue: at once if the queue holds a full batch (BATCH_MAX_OPS, BATCH_MAX_BYTES) or
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 import trio
 
 from keyval.grants import Grant
-from keyval.messages import DbBatchResult, DbOp, DbWriteBatch
+from keyval.messages import WIRE_WRITE_ITEMS, DbBatchResult, DbWriteBatch, WireOp
 from wire.errors import ErrorCode, Internal, ServiceError, Unavailable, service_error
 from wire.messages import Message
 
@@ -76,7 +77,7 @@ SlotKey = tuple[int, bytes]  # (slot, canonical key)
 class _Queued:
     __slots__ = ("done", "error", "on_done", "op", "size_bytes", "versions")
 
-    def __init__(self, op: DbOp, size_bytes: int, on_done: Completion, done: trio.Event) -> None:
+    def __init__(self, op: WireOp, size_bytes: int, on_done: Completion, done: trio.Event) -> None:
         self.op = op
         self.size_bytes = size_bytes
         self.on_done = on_done
@@ -100,7 +101,7 @@ def client_error(error: ServiceError) -> ServiceError:
 
 
 class WriteBatcher:
-    """Queues DbOps and commits them to the db in batches, keeping each key's write order."""
+    """Queues ops and commits them to the db in batches, keeping each key's write order."""
 
     def __init__(
         self,
@@ -132,7 +133,7 @@ class WriteBatcher:
     def set_link(self, link: DbLink) -> None:
         self._link = link
 
-    async def submit(self, op: DbOp, size_bytes: int, on_done: Completion) -> _Queued:
+    async def submit(self, op: WireOp, size_bytes: int, on_done: Completion) -> _Queued:
         """Queue `op`; `on_done(versions, error)` runs in the batch loop when it resolves.
 
         Returns a handle whose `done` event is set after `on_done` has run. There is no
@@ -153,7 +154,7 @@ class WriteBatcher:
         self._wake.set()
         return queued
 
-    async def commit(self, op: DbOp, size_bytes: int, on_done: Completion) -> list[int]:
+    async def commit(self, op: WireOp, size_bytes: int, on_done: Completion) -> list[int]:
         """Submit and wait: the db's versions for `op`, or raise the client-facing error."""
         queued = await self.submit(op, size_bytes, on_done)
         while not queued.resolved:
@@ -180,7 +181,7 @@ class WriteBatcher:
                 while self._in_flight >= self._max_in_flight:
                     await self._batch_done.wait()
                 batch = await self._gather()
-                keys = {(write.slot, write.key) for queued in batch for write in queued.op.writes}
+                keys = {key for queued in batch for key in op_keys(queued.op)}
                 # Writes to one key reach the db in version order: a batch sharing a key with
                 # one in flight goes only once nothing is in flight.
                 while self._in_flight > 0 and not self._in_flight_keys.keys().isdisjoint(keys):
@@ -252,7 +253,7 @@ class WriteBatcher:
             self._batch_done.set()
             self._batch_done = trio.Event()
 
-    async def _send_batch(self, ops: list[DbOp]) -> list[OpOutcome]:
+    async def _send_batch(self, ops: list[WireOp]) -> list[OpOutcome]:
         grant = self._grant()
         if grant is None:
             return [(None, Unavailable("this drone holds no grant", detail=_retry()))] * len(ops)
@@ -260,7 +261,7 @@ class WriteBatcher:
         self.ops_sent += len(ops)
         try:
             reply = await self._link.request(
-                DbWriteBatch(grants=[grant], ops=ops), timeout=DB_BATCH_TIMEOUT_MS / 1000
+                DbWriteBatch.of([grant], ops), timeout=DB_BATCH_TIMEOUT_MS / 1000
             )
         except ServiceError as error:
             log.warning("db write batch of %d ops failed: %s", len(ops), error.message)
@@ -270,6 +271,11 @@ class WriteBatcher:
             wrong = Internal(f"db answered a write batch with {type(reply).__name__}")
             return [(None, wrong)] * len(ops)
         return [_outcome(result) for result in reply.results]
+
+
+def op_keys(op: WireOp) -> list[SlotKey]:
+    """The (slot, canonical key) of each write of `op`."""
+    return [(op[base], op[base + 1]) for base in range(1, len(op), WIRE_WRITE_ITEMS)]
 
 
 def _retry() -> dict[str, Any]:

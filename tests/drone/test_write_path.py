@@ -11,7 +11,8 @@ from keyval.drone.batcher import BATCH_MAX_OPS, BATCH_WINDOW_MS, WriteBatcher
 from keyval.drone.opcache import OpCache, check_op_id
 from keyval.drone.pending import PENDING_WAIT_MS, PendingWrites
 from keyval.grants import Grant
-from keyval.messages import DbBatchResult, DbOp, DbWrite, DbWriteBatch, Written
+from keyval.messages import DbBatchResult, DbWriteBatch, WireOp, Written, pack_op
+from wire import codec
 from wire.errors import BadRequest, Fenced, Unavailable
 from wire.messages import Message
 
@@ -26,7 +27,7 @@ class SlowDb:
         self.error = error
         self.in_flight = 0
         self.most_in_flight = 0
-        self.batches: list[DbWriteBatch] = []
+        self.batches: list[list[WireOp]] = []  # the ops of each batch answered
         self.sent_at: list[float] = []  # when each batch reached the db
 
     async def request(self, msg: Message, *, timeout: float) -> Message:
@@ -38,14 +39,15 @@ class SlowDb:
             await trio.sleep(self.delay_s)
             if self.error is not None:
                 raise self.error
-            self.batches.append(msg)
-            return DbBatchResult(results=[("ok", [w.version for w in op.writes]) for op in msg.ops])
+            ops = codec.decode(msg.ops)
+            self.batches.append(ops)
+            return DbBatchResult(results=[("ok", op[3::4]) for op in ops])
         finally:
             self.in_flight -= 1
 
 
-def db_op(version: int) -> DbOp:
-    return DbOp(op_id=os.urandom(16), writes=[DbWrite(1, b"sk", version, False, version)])
+def db_op(version: int) -> WireOp:
+    return pack_op(os.urandom(16), [(1, b"sk", version, codec.encode(version))])
 
 
 async def test_batches_group_ops_keep_order_and_one_in_flight(
@@ -65,8 +67,8 @@ async def test_batches_group_ops_keep_order_and_one_in_flight(
             writers.start_soon(write, version)
     assert db.most_in_flight == 1
     assert 2 <= len(db.batches) < total  # grouped, and closed by count
-    assert all(len(batch.ops) <= BATCH_MAX_OPS for batch in db.batches)
-    sent = [op.writes[0].version for batch in db.batches for op in batch.ops]
+    assert all(len(batch) <= BATCH_MAX_OPS for batch in db.batches)
+    sent = [op[3] for batch in db.batches for op in batch]
     assert sorted(sent) == list(range(1, total + 1)) and applied == sent
 
 
@@ -154,7 +156,7 @@ async def test_a_batch_goes_once_the_last_batch_writers_are_back(
     batcher = WriteBatcher(db, lambda: GRANT)
     await nursery.start(batcher.run)
     await _rounds(batcher, 4, [4, 4, 4])
-    assert [len(batch.ops) for batch in db.batches] == [4, 4, 4]
+    assert [len(batch) for batch in db.batches] == [4, 4, 4]
     # No window waited: each batch left as soon as the previous one's 4 writers wrote again.
     gaps = [later - earlier for earlier, later in zip(db.sent_at, db.sent_at[1:], strict=False)]
     assert gaps == [pytest.approx(0.01), pytest.approx(0.01)]
@@ -167,7 +169,7 @@ async def test_a_batch_short_of_writers_waits_the_window_at_most(
     batcher = WriteBatcher(db, lambda: GRANT)
     await nursery.start(batcher.run)
     await _rounds(batcher, 4, [4, 3])  # one writer does not come back
-    assert [len(batch.ops) for batch in db.batches] == [4, 3]
+    assert [len(batch) for batch in db.batches] == [4, 3]
     assert db.sent_at[1] - db.sent_at[0] == pytest.approx(0.01 + BATCH_WINDOW_MS / 1000)
 
 
