@@ -1,9 +1,10 @@
 """The db's request handlers over one backend: fencing, op ids, term, map, grant key.
 
-Every backend call runs in a worker thread behind a capacity limiter of 1 (one connection),
-so the event loop never blocks on SQLite or PostgreSQL. Fence checks and the storage call
-that depends on them run under one FIFO lock (`_order`), so a slot read that raises a fence
-is ordered exactly against the write batches before and after it.
+Every backend call runs in the backend's one thread (keyval.db.worker: one connection, one
+call at a time, in order), so the event loop never blocks on SQLite or PostgreSQL. Fence
+checks and the storage call that depends on them run under one FIFO lock (`_order`), so a
+slot read that raises a fence is ordered exactly against the write batches before and after
+it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from keyval.db.records import (
     PreparedOp,
     StoredWrite,
 )
+from keyval.db.worker import BackendThread
 from keyval.grants import GRANT_KEY_BYTES, Grant, check_ranges, verify_grant
 from keyval.keys import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, NUM_SLOTS, canonical_slot
 from keyval.messages import (
@@ -165,7 +167,8 @@ class Database:
     ) -> None:
         self.backend = backend
         self._clock_ms = clock_ms
-        self._limiter = trio.CapacityLimiter(1)  # one backend connection: one call at a time
+        # One backend connection: one call at a time, in order, in one thread.
+        self._thread = BackendThread(f"keyval-db {backend.description}")
         self._order = trio.Lock()
         self._committer: GroupCommitter[_PendingOp, OpResult] = GroupCommitter(
             self._commit,
@@ -200,13 +203,12 @@ class Database:
     # ------------------------------------------------------------ life cycle
 
     async def _call(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await trio.to_thread.run_sync(
-            lambda: function(*args, **kwargs), limiter=self._limiter
-        )
+        return await self._thread.call(lambda: function(*args, **kwargs))
 
     async def open(self) -> None:
-        """Connect, create the schema, create or load the grant key, load the fences.
-        Raises StorageError."""
+        """Start the backend thread; connect, create the schema, create or load the grant
+        key, load the fences. Raises StorageError."""
+        self._thread.start()
         await self._call(self.backend.open)
         key = await self._call(self.backend.ensure_grant_key, secrets.token_bytes(GRANT_KEY_BYTES))
         if len(key) != GRANT_KEY_BYTES:
@@ -215,7 +217,13 @@ class Database:
         self._fences = FenceTable(await self._call(self.backend.load_fences))
 
     async def aclose(self) -> None:
-        await self._call(self.backend.close)
+        """Close the backend and end its thread (after the calls queued before this one)."""
+        if not self._thread.running:
+            return
+        try:
+            await self._call(self.backend.close)
+        finally:
+            self._thread.stop()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The committer and the op-result expiry, until cancelled. Call `open` first."""
