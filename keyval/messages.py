@@ -9,10 +9,12 @@ the in-memory apply, flushed behind).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import field
 from typing import Any
 
 from keyval.grants import Grant
+from wire import codec
 from wire.messages import Key, Message, message
 
 ACK_DURABLE = "durable"
@@ -141,7 +143,7 @@ class Committed(Message):
 
 @message("db.write")
 class DbWrite(Message):
-    """One key's new state inside a db.op: value or deletion, with its version."""
+    """One key's new state in a 2PC vote: value or deletion, with its version."""
 
     slot: int
     key: bytes  # canonical key bytes
@@ -150,20 +152,37 @@ class DbWrite(Message):
     version: int
 
 
-@message("db.op")
-class DbOp(Message):
-    """One client operation's writes: applied all together or not at all."""
+# One op of a db.write_batch, as a flat array: its op id, then four items per write:
+# [op_id, slot, key, version, value, slot, key, version, value, ...]. `key` is the canonical
+# key bytes; `value` is the CBOR encoding of the new value as bytes (the db stores it as it
+# is, never decoding it), or null for a deletion.
+WireOp = list[Any]
+WIRE_WRITE_ITEMS = 4
 
-    op_id: bytes
-    writes: list[DbWrite]
+
+def pack_op(op_id: bytes, writes: Iterable[tuple[int, bytes, int, bytes | None]]) -> WireOp:
+    """One op of a db.write_batch from (slot, key, version, value CBOR or None) writes."""
+    op: WireOp = [op_id]
+    for write in writes:
+        op.extend(write)
+    return op
 
 
 @message("db.write_batch")
 class DbWriteBatch(Message):
-    """A drone's group of ops, with the grants that cover every slot written."""
+    """A drone's group of ops, with the grants that cover every slot written.
+
+    `ops` is one CBOR array, as bytes, of ops each written all together or not at all; an op
+    is a flat array `[op_id, slot, key, version, value, ...]` (four items per write; `value`
+    the new value's CBOR as bytes, null for a deletion). The db checks it field by field and
+    answers a malformed op with BAD_REQUEST naming the op and the field."""
 
     grants: list[Grant]  # the grants that cover every slot written below
-    ops: list[DbOp]
+    ops: bytes
+
+    @classmethod
+    def of(cls, grants: list[Grant], ops: list[WireOp]) -> DbWriteBatch:
+        return cls(grants, codec.encode(ops))
 
 
 @message("db.batch_result")

@@ -1,10 +1,9 @@
 """The interface every durable store implements, and choosing one from a URL.
 
-Backend methods are synchronous and blocking: the service calls them from a worker thread
-(`trio.to_thread.run_sync` with a capacity limiter of 1 per connection), never on the event
-loop, and never two at once. Each method is one transaction. Storage failures (full disk,
-read-only file, lost server connection) raise `StorageError`; the backend stays usable and a
-later call succeeds once the cause is gone.
+Backend methods are synchronous and blocking: the service calls them from its one backend
+thread (keyval.db.worker), never on the event loop, and never two at once. Each method is one
+transaction. Storage failures (full disk, read-only file, lost server connection) raise
+`StorageError`; the backend stays usable and a later call succeeds once the cause is gone.
 """
 
 from __future__ import annotations

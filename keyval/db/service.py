@@ -1,9 +1,10 @@
 """The db's request handlers over one backend: fencing, op ids, term, map, grant key.
 
-Every backend call runs in a worker thread behind a capacity limiter of 1 (one connection),
-so the event loop never blocks on SQLite or PostgreSQL. Fence checks and the storage call
-that depends on them run under one FIFO lock (`_order`), so a slot read that raises a fence
-is ordered exactly against the write batches before and after it.
+Every backend call runs in the backend's one thread (keyval.db.worker: one connection, one
+call at a time, in order), so the event loop never blocks on SQLite or PostgreSQL. Fence
+checks and the storage call that depends on them run under one FIFO lock (`_order`), so a
+slot read that raises a fence is ordered exactly against the write batches before and after
+it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 
 from auth.roles import require_role
 from keyval.db.backend import Backend, StorageError
+from keyval.db.batch import MAX_WRITES_PER_OP, decode_ops, prepare_op
 from keyval.db.committer import CommitterStatistics, GroupCommitter
 from keyval.db.decisions import Vote, VoteCollector, check_participants
 from keyval.db.fences import FenceTable
@@ -33,6 +35,7 @@ from keyval.db.records import (
     PreparedOp,
     StoredWrite,
 )
+from keyval.db.worker import BackendThread
 from keyval.grants import GRANT_KEY_BYTES, Grant, check_ranges, verify_grant
 from keyval.keys import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, NUM_SLOTS, canonical_slot
 from keyval.messages import (
@@ -44,7 +47,6 @@ from keyval.messages import (
     DbGrantKeyReply,
     DbLoadMap,
     DbMap,
-    DbOp,
     DbReadSlot,
     DbReadSlots,
     DbRegisterTerm,
@@ -76,15 +78,8 @@ T = TypeVar("T")
 ROLE_DRONE = "drone"
 ROLE_COMMANDER = "commander"
 
-# Client-chosen operation ids are 16 random bytes: collisions are out of reach (2**-64 after
-# 2**32 ops) and a fixed size keeps the op-result table's index small.
-OP_ID_BYTES = 16
-
-# Ops in one DbWriteBatch, writes in one op, grants in one batch. A drone flushes at most a
-# few hundred ops at a time and a transaction touches tens of keys; the bounds stop one
-# request from claiming a whole transaction's worth of memory and time.
-MAX_OPS_PER_REQUEST = 4096
-MAX_WRITES_PER_OP = 1024
+# Grants in one request (ops and writes per op: keyval.db.batch). A drone sends its one
+# current grant; a few more cover a batch written across a grant change.
 MAX_GRANTS_PER_REQUEST = 16
 
 # A slot page: at most this many items, and past the first item at most this many bytes of
@@ -172,7 +167,8 @@ class Database:
     ) -> None:
         self.backend = backend
         self._clock_ms = clock_ms
-        self._limiter = trio.CapacityLimiter(1)  # one backend connection: one call at a time
+        # One backend connection: one call at a time, in order, in one thread.
+        self._thread = BackendThread(f"keyval-db {backend.description}")
         self._order = trio.Lock()
         self._committer: GroupCommitter[_PendingOp, OpResult] = GroupCommitter(
             self._commit,
@@ -207,13 +203,12 @@ class Database:
     # ------------------------------------------------------------ life cycle
 
     async def _call(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await trio.to_thread.run_sync(
-            lambda: function(*args, **kwargs), limiter=self._limiter
-        )
+        return await self._thread.call(lambda: function(*args, **kwargs))
 
     async def open(self) -> None:
-        """Connect, create the schema, create or load the grant key, load the fences.
-        Raises StorageError."""
+        """Start the backend thread; connect, create the schema, create or load the grant
+        key, load the fences. Raises StorageError."""
+        self._thread.start()
         await self._call(self.backend.open)
         key = await self._call(self.backend.ensure_grant_key, secrets.token_bytes(GRANT_KEY_BYTES))
         if len(key) != GRANT_KEY_BYTES:
@@ -222,7 +217,13 @@ class Database:
         self._fences = FenceTable(await self._call(self.backend.load_fences))
 
     async def aclose(self) -> None:
-        await self._call(self.backend.close)
+        """Close the backend and end its thread (after the calls queued before this one)."""
+        if not self._thread.running:
+            return
+        try:
+            await self._call(self.backend.close)
+        finally:
+            self._thread.stop()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The committer and the op-result expiry, until cancelled. Call `open` first."""
@@ -260,16 +261,15 @@ class Database:
     # ------------------------------------------------------------ writes
 
     async def _write_batch(self, peer: PeerInfo, request: DbWriteBatch) -> DbBatchResult:
-        if len(request.ops) > MAX_OPS_PER_REQUEST:
-            raise TooLarge(f"{len(request.ops)} ops in one batch, limit {MAX_OPS_PER_REQUEST}")
         if len(request.grants) > MAX_GRANTS_PER_REQUEST:
             raise TooLarge(f"{len(request.grants)} grants, limit {MAX_GRANTS_PER_REQUEST}")
+        ops = decode_ops(request.ops)
         grants = self._verify_grants(request.grants, peer.name)
         results: list[OpResult | None] = []
         pending: list[_PendingOp] = []
-        for op in request.ops:
+        for index, op in enumerate(ops):
             try:
-                pending.append(_PendingOp(grants, prepare_op(op)))
+                pending.append(_PendingOp(grants, prepare_op(index, op)))
                 results.append(None)
             except ServiceError as error:
                 results.append(error_result(error))
@@ -556,16 +556,6 @@ def check_resume_point(request: DbReadSlots, first: int, last: int) -> tuple[int
 def check_txid(txid: bytes) -> None:
     if not 1 <= len(txid) <= MAX_TXID_BYTES:
         raise BadRequest(f"txid must be 1..{MAX_TXID_BYTES} bytes")
-
-
-def prepare_op(op: DbOp) -> PreparedOp:
-    """Validate one op's shape and encode its values; BadRequest/TooLarge on bad input."""
-    if len(op.op_id) != OP_ID_BYTES:
-        raise BadRequest(f"op_id must be {OP_ID_BYTES} bytes, not {len(op.op_id)}")
-    if len(op.writes) > MAX_WRITES_PER_OP:
-        raise TooLarge(f"{len(op.writes)} writes in one op, limit {MAX_WRITES_PER_OP}")
-    writes = tuple(prepare_write(write) for write in op.writes)
-    return PreparedOp(op.op_id, writes, tuple(write.version for write in writes))
 
 
 def prepare_write(write: DbWrite) -> StoredWrite:

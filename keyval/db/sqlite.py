@@ -31,7 +31,8 @@ class SqliteBackend(SqlBackend):
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: calls
-        # come from trio's worker threads, one at a time (a capacity limiter of 1).
+        # come from the db's one backend thread (keyval.db.worker), which a reopened
+        # Database starts anew, one call at a time.
         connection = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )

@@ -1,13 +1,18 @@
 """Drone-side group commit: client writes go to the db in batches, a few batches in flight.
 
-`submit` queues one `DbOp` with a completion callback. The batch loop waits until fewer than
-MAX_BATCHES_IN_FLIGHT batches are at the db, takes the first queued op, gathers more for up
-to BATCH_WINDOW_MS or until the batch is full (BATCH_MAX_OPS, BATCH_MAX_BYTES), and sends one
-DbWriteBatch with the drone's current grant. Batches in flight never share a key: a batch
-that writes a key of a batch still in flight waits until no batch is in flight, so the db
-sees the writes to any one key in the order their versions were handed out. Each op's
-callback runs as soon as its result is known (so in-memory applies happen even if the client
-that asked has gone away), then its waiter wakes.
+`submit` queues one op (a flat `WireOp` array, keyval.messages.pack_op) with a completion
+callback; it does not yield to the scheduler
+unless the queue is full (MAX_QUEUED_OPS, then it waits for room). The batch loop waits
+until fewer than MAX_BATCHES_IN_FLIGHT batches are at the db, then closes the next batch
+from the queue: at once if the queue holds a full batch (BATCH_MAX_OPS, BATCH_MAX_BYTES) or
+if as many ops have arrived since the last batch came back as that batch held (its
+writers, answered, send their next writes: waiting longer would only delay them), else
+after at most BATCH_WINDOW_MS. It sends one DbWriteBatch with the
+drone's current grant. Batches in flight never share a key: a batch that writes a key of a
+batch still in flight waits until no batch is in flight, so the db sees the writes to any
+one key in the order their versions were handed out. When a batch's result is known every
+op's callback runs (so in-memory applies happen even if the client that asked has gone
+away), then the batch's waiters wake together (one event per batch).
 
 A db refusal of an op is that op's error; FENCED becomes UNAVAILABLE for the client, who
 should refresh its slot map and retry. A lost db connection or timeout fails the whole batch
@@ -24,7 +29,7 @@ from typing import Any, Protocol
 import trio
 
 from keyval.grants import Grant
-from keyval.messages import DbBatchResult, DbOp, DbWriteBatch
+from keyval.messages import WIRE_WRITE_ITEMS, DbBatchResult, DbWriteBatch, WireOp
 from wire.errors import ErrorCode, Internal, ServiceError, Unavailable, service_error
 from wire.messages import Message
 
@@ -72,13 +77,17 @@ SlotKey = tuple[int, bytes]  # (slot, canonical key)
 class _Queued:
     __slots__ = ("done", "error", "on_done", "op", "size_bytes", "versions")
 
-    def __init__(self, op: DbOp, size_bytes: int, on_done: Completion) -> None:
+    def __init__(self, op: WireOp, size_bytes: int, on_done: Completion, done: trio.Event) -> None:
         self.op = op
         self.size_bytes = size_bytes
         self.on_done = on_done
-        self.done = trio.Event()
+        self.done = done  # shared by the ops of one batch; set once every callback has run
         self.versions: list[int] | None = None
         self.error: ServiceError | None = None
+
+    @property
+    def resolved(self) -> bool:
+        return self.versions is not None or self.error is not None
 
 
 def client_error(error: ServiceError) -> ServiceError:
@@ -92,7 +101,7 @@ def client_error(error: ServiceError) -> ServiceError:
 
 
 class WriteBatcher:
-    """Queues DbOps and commits them to the db in batches, keeping each key's write order."""
+    """Queues ops and commits them to the db in batches, keeping each key's write order."""
 
     def __init__(
         self,
@@ -106,7 +115,15 @@ class WriteBatcher:
         self._max_in_flight = max_in_flight
         self._link = link
         self._grant = grant
-        self._send, self._receive = trio.open_memory_channel[_Queued](MAX_QUEUED_OPS)
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._queued_bytes = 0
+        self._open_done = trio.Event()  # the `done` of ops queued from now on
+        self._wake = trio.Event()  # set by submit when the batch loop may have work
+        self._room = trio.Event()  # set by the batch loop when it took ops from a full queue
+        # Submissions so far, and how many the batch loop expects before it closes a batch
+        # without waiting out the window: those of the last batch that came back.
+        self._arrivals = 0
+        self._expected_arrivals = 0
         self.batches_sent = 0
         self.ops_sent = 0
         self._in_flight = 0
@@ -116,22 +133,32 @@ class WriteBatcher:
     def set_link(self, link: DbLink) -> None:
         self._link = link
 
-    async def submit(self, op: DbOp, size_bytes: int, on_done: Completion) -> _Queued:
+    async def submit(self, op: WireOp, size_bytes: int, on_done: Completion) -> _Queued:
         """Queue `op`; `on_done(versions, error)` runs in the batch loop when it resolves.
 
-        Returns a handle whose `done` event is set after `on_done` has run. A cancelled caller
-        still queues the op: its writes hold versions and pending marks that only `on_done`
-        releases (an op dropped here left its keys pending for good; issue 9). The wait is for
-        queue space only, which the batch loop frees within one db timeout per batch."""
-        queued = _Queued(op, size_bytes, on_done)
-        with trio.CancelScope(shield=True):
-            await self._send.send(queued)
+        Returns a handle whose `done` event is set after `on_done` has run. There is no
+        checkpoint unless the queue is full, and then the wait is shielded: a cancelled
+        caller still queues the op, because its writes hold versions and pending marks that
+        only `on_done` releases (an op dropped here left its keys pending for good; issue 9).
+        The wait is for queue space only, which the batch loop frees within one db timeout
+        per batch."""
+        if len(self._queue) >= MAX_QUEUED_OPS:
+            with trio.CancelScope(shield=True):
+                while len(self._queue) >= MAX_QUEUED_OPS:
+                    self._room = trio.Event()
+                    await self._room.wait()
+        queued = _Queued(op, size_bytes, on_done, self._open_done)
+        self._queue.append(queued)
+        self._queued_bytes += size_bytes
+        self._arrivals += 1
+        self._wake.set()
         return queued
 
-    async def commit(self, op: DbOp, size_bytes: int, on_done: Completion) -> list[int]:
+    async def commit(self, op: WireOp, size_bytes: int, on_done: Completion) -> list[int]:
         """Submit and wait: the db's versions for `op`, or raise the client-facing error."""
         queued = await self.submit(op, size_bytes, on_done)
-        await queued.done.wait()
+        while not queued.resolved:
+            await queued.done.wait()
         if queued.error is not None:
             raise queued.error
         if queued.versions is None:
@@ -139,9 +166,8 @@ class WriteBatcher:
         return queued.versions
 
     def statistics(self) -> dict[str, int]:
-        stats = self._send.statistics()
         return {
-            "queued": stats.current_buffer_used,
+            "queued": len(self._queue),
             "batches_sent": self.batches_sent,
             "ops_sent": self.ops_sent,
             "in_flight": self._in_flight,
@@ -155,7 +181,7 @@ class WriteBatcher:
                 while self._in_flight >= self._max_in_flight:
                     await self._batch_done.wait()
                 batch = await self._gather()
-                keys = {(write.slot, write.key) for queued in batch for write in queued.op.writes}
+                keys = {key for queued in batch for key in op_keys(queued.op)}
                 # Writes to one key reach the db in version order: a batch sharing a key with
                 # one in flight goes only once nothing is in flight.
                 while self._in_flight > 0 and not self._in_flight_keys.keys().isdisjoint(keys):
@@ -164,16 +190,45 @@ class WriteBatcher:
                 self._in_flight_keys.update(keys)
                 nursery.start_soon(self._commit_batch, batch, keys)
 
+    def _ready(self) -> bool:
+        """Close the batch now: a full one is queued, or the expected writers are back."""
+        return (
+            len(self._queue) >= BATCH_MAX_OPS
+            or self._queued_bytes >= BATCH_MAX_BYTES
+            or self._arrivals >= self._expected_arrivals
+        )
+
+    async def _wait_wake(self) -> None:
+        self._wake = trio.Event()
+        await self._wake.wait()
+
     async def _gather(self) -> list[_Queued]:
-        batch = [await self._receive.receive()]
-        size_bytes = batch[0].size_bytes
-        with trio.move_on_after(BATCH_WINDOW_MS / 1000):
-            while len(batch) < BATCH_MAX_OPS:
-                queued = await self._receive.receive()
-                batch.append(queued)
-                size_bytes += queued.size_bytes
-                if size_bytes >= BATCH_MAX_BYTES:
-                    break
+        while not self._queue:
+            await self._wait_wake()
+        if not self._ready():
+            with trio.move_on_after(BATCH_WINDOW_MS / 1000):
+                while not self._ready():
+                    await self._wait_wake()
+        return self._take()
+
+    def _take(self) -> list[_Queued]:
+        """The next batch from the head of the queue (at least one op, however large)."""
+        queue = self._queue
+        was_full = len(queue) >= MAX_QUEUED_OPS
+        first = queue.popleft()
+        batch, size_bytes = [first], first.size_bytes
+        while queue and len(batch) < BATCH_MAX_OPS and size_bytes < BATCH_MAX_BYTES:
+            queued = queue.popleft()
+            batch.append(queued)
+            size_bytes += queued.size_bytes
+        self._queued_bytes -= size_bytes
+        # Every queued op shares `_open_done`; the batch keeps it, the ops left behind (and
+        # those queued from now on) share a new one.
+        self._open_done = trio.Event()
+        for queued in queue:
+            queued.done = self._open_done
+        if was_full:
+            self._room.set()
         return batch
 
     async def _commit_batch(self, batch: list[_Queued], keys: set[SlotKey]) -> None:
@@ -181,20 +236,24 @@ class WriteBatcher:
             outcomes = await self._send_batch([queued.op for queued in batch])
             for queued, (versions, error) in zip(batch, outcomes, strict=True):
                 queued.versions, queued.error = versions, error
-                try:
-                    queued.on_done(versions, error)
-                finally:
-                    queued.done.set()
+                queued.on_done(versions, error)
         finally:
+            for queued in batch:  # only if the loop above failed: its waiters must not hang
+                if not queued.resolved:
+                    queued.error = Internal("the write batch ended without a result")
+            batch[0].done.set()  # every op of a batch shares one event
             self._in_flight -= 1
             self._in_flight_keys.subtract(keys)
             for key in keys:
                 if self._in_flight_keys[key] <= 0:
                     del self._in_flight_keys[key]
+            # The writers answered now send their next writes: a batch closes once as many
+            # have arrived (or after the window).
+            self._expected_arrivals = self._arrivals + len(batch)
             self._batch_done.set()
             self._batch_done = trio.Event()
 
-    async def _send_batch(self, ops: list[DbOp]) -> list[OpOutcome]:
+    async def _send_batch(self, ops: list[WireOp]) -> list[OpOutcome]:
         grant = self._grant()
         if grant is None:
             return [(None, Unavailable("this drone holds no grant", detail=_retry()))] * len(ops)
@@ -202,7 +261,7 @@ class WriteBatcher:
         self.ops_sent += len(ops)
         try:
             reply = await self._link.request(
-                DbWriteBatch(grants=[grant], ops=ops), timeout=DB_BATCH_TIMEOUT_MS / 1000
+                DbWriteBatch.of([grant], ops), timeout=DB_BATCH_TIMEOUT_MS / 1000
             )
         except ServiceError as error:
             log.warning("db write batch of %d ops failed: %s", len(ops), error.message)
@@ -212,6 +271,11 @@ class WriteBatcher:
             wrong = Internal(f"db answered a write batch with {type(reply).__name__}")
             return [(None, wrong)] * len(ops)
         return [_outcome(result) for result in reply.results]
+
+
+def op_keys(op: WireOp) -> list[SlotKey]:
+    """The (slot, canonical key) of each write of `op`."""
+    return [(op[base], op[base + 1]) for base in range(1, len(op), WIRE_WRITE_ITEMS)]
 
 
 def _retry() -> dict[str, Any]:

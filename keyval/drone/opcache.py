@@ -71,7 +71,8 @@ class OpCache:
         self._max_entries = max_entries
         self._replies: dict[bytes, _Stored] = {}
         self._order: deque[bytes] = deque()  # the op ids of _replies, oldest first
-        self._inflight: dict[bytes, trio.Event] = {}
+        # Ops being applied; the event exists only once a retry waits for one (most never do).
+        self._inflight: dict[bytes, trio.Event | None] = {}
 
     def __len__(self) -> int:
         return len(self._replies)
@@ -89,10 +90,12 @@ class OpCache:
             reply = self.lookup(op_id)
             if reply is not None:
                 return reply
-            running = self._inflight.get(op_id)
-            if running is None:
-                self._inflight[op_id] = trio.Event()
+            if op_id not in self._inflight:
+                self._inflight[op_id] = None
                 return None
+            running = self._inflight[op_id]
+            if running is None:
+                running = self._inflight[op_id] = trio.Event()
             with trio.move_on_after(INFLIGHT_WAIT_MS / 1000):
                 await running.wait()
                 continue

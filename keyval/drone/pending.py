@@ -28,7 +28,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.count = 0
-        self.resolved = trio.Event()
+        self.resolved: trio.Event | None = None  # made when a cas/txn first waits on the key
 
 
 class PendingWrites:
@@ -63,7 +63,8 @@ class PendingWrites:
             entry.count -= 1
             if entry.count == 0:
                 del self._keys[key]
-                entry.resolved.set()
+                if entry.resolved is not None:
+                    entry.resolved.set()
 
     async def wait_clear(self, keys: Iterable[tuple[int, bytes]]) -> None:
         """Return once none of `keys` has a pending write; Unavailable after PENDING_WAIT_MS."""
@@ -73,6 +74,8 @@ class PendingWrites:
                 busy = next((self._keys[k] for k in wanted if k in self._keys), None)
                 if busy is None:
                     return
+                if busy.resolved is None:
+                    busy.resolved = trio.Event()
                 await busy.resolved.wait()
         raise Unavailable(
             "earlier writes to these keys are not yet durable",

@@ -32,12 +32,11 @@ from keyval.messages import (
     ACK_MODES,
     Committed,
     CompareAndSet,
-    DbOp,
-    DbWrite,
     Delete,
     Put,
     TxnCommit,
     Written,
+    pack_op,
 )
 from wire import codec
 from wire.channel import PeerInfo
@@ -54,7 +53,7 @@ log = logging.getLogger("keyval.drone")
 # limit, what one db op carries.
 MAX_TXN_KEYS = 1024
 
-# Encoded bytes of all values one op writes: a DbOp must fit one 1 MiB frame with its batch.
+# Encoded bytes of all values one op writes: an op must fit one 1 MiB frame with its batch.
 MAX_OP_VALUE_BYTES = 768 * 1024
 
 TXN_PUT = "put"
@@ -62,6 +61,9 @@ TXN_DELETE = "del"
 
 # A write about to be made: (slot, canonical key, value, deleted).
 Planned = tuple[int, bytes, Any, bool]
+# Per planned write, its value's CBOR (None for a deletion): encoded once, at admission, for
+# the size check and the db alike.
+Encoded = bytes | None
 
 
 def _admit_key(state: DroneState, peer: PeerInfo, key: Key) -> tuple[int, bytes]:
@@ -70,14 +72,15 @@ def _admit_key(state: DroneState, peer: PeerInfo, key: Key) -> tuple[int, bytes]
     return key_slot(key), data
 
 
-def _value_bytes(state: DroneState, value: Any) -> int:
-    size_bytes = len(codec.encode(value))
-    if size_bytes > state.limits.max_value_bytes:
+def _encode_value(state: DroneState, value: Any) -> bytes:
+    """`value`'s CBOR, as the db stores it; TooLarge over the value limit."""
+    encoded = codec.encode(value)
+    if len(encoded) > state.limits.max_value_bytes:
         raise TooLarge(
-            f"value is {size_bytes} bytes encoded, limit {state.limits.max_value_bytes}",
-            detail={"size": size_bytes, "limit": state.limits.max_value_bytes},
+            f"value is {len(encoded)} bytes encoded, limit {state.limits.max_value_bytes}",
+            detail={"size": len(encoded), "limit": state.limits.max_value_bytes},
         )
-    return size_bytes
+    return encoded
 
 
 def _check_ack(ack: str) -> None:
@@ -88,15 +91,15 @@ def _check_ack(ack: str) -> None:
 async def handle_put(state: DroneState, peer: PeerInfo, msg: Put) -> Message:
     _check_ack(msg.ack)
     slot, data = _admit_key(state, peer, msg.key)
-    size_bytes = _value_bytes(state, msg.value)
-    return await _once(state, msg.op_id, lambda: _put(state, msg, slot, data, size_bytes))
+    encoded = _encode_value(state, msg.value)
+    return await _once(state, msg.op_id, lambda: _put(state, msg, slot, data, encoded))
 
 
-async def _put(state: DroneState, msg: Put, slot: int, data: bytes, size_bytes: int) -> Message:
+async def _put(state: DroneState, msg: Put, slot: int, data: bytes, encoded: bytes) -> Message:
     epoch = await state.wait_serving(slot)
     state.check_slot_servable(slot, epoch)
     existed = state.store.contains(slot, data) or state.pending.is_pending(slot, data)
-    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, msg.value, False)], size_bytes)
+    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, msg.value, False)], [encoded])
     return Written(version=versions[0], existed=existed)
 
 
@@ -111,7 +114,7 @@ async def _delete(state: DroneState, msg: Delete, slot: int, data: bytes) -> Mes
     state.check_slot_servable(slot, epoch)
     if not state.store.contains(slot, data) and not state.pending.is_pending(slot, data):
         return Written(version=0, existed=False)
-    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, None, True)], 0)
+    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, None, True)], [None])
     return Written(version=versions[0], existed=True)
 
 
@@ -120,12 +123,12 @@ async def handle_cas(state: DroneState, peer: PeerInfo, msg: CompareAndSet) -> M
     if msg.expected_version < 0:
         raise BadRequest("expected_version is a version (>= 1) or 0 for 'absent'")
     slot, data = _admit_key(state, peer, msg.key)
-    size_bytes = 0 if msg.delete else _value_bytes(state, msg.value)
-    return await _once(state, msg.op_id, lambda: _cas(state, msg, slot, data, size_bytes))
+    encoded = None if msg.delete else _encode_value(state, msg.value)
+    return await _once(state, msg.op_id, lambda: _cas(state, msg, slot, data, encoded))
 
 
 async def _cas(
-    state: DroneState, msg: CompareAndSet, slot: int, data: bytes, size_bytes: int
+    state: DroneState, msg: CompareAndSet, slot: int, data: bytes, encoded: Encoded
 ) -> Message:
     epoch = await state.wait_serving(slot)
     await state.pending.wait_clear([(slot, data)])
@@ -139,9 +142,7 @@ async def _cas(
     if msg.delete and current == 0:
         return Written(version=0, existed=False)
     value = None if msg.delete else msg.value
-    versions = await _write(
-        state, msg.op_id, msg.ack, [(slot, data, value, msg.delete)], size_bytes
-    )
+    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, value, msg.delete)], [encoded])
     return Written(version=versions[0], existed=current != 0)
 
 
@@ -150,14 +151,15 @@ async def handle_txn_commit(state: DroneState, peer: PeerInfo, msg: TxnCommit) -
     if len(msg.reads) + len(msg.writes) > MAX_TXN_KEYS:
         raise TooLarge(f"a transaction touches at most {MAX_TXN_KEYS} keys")
     reads = [(*_admit_key(state, peer, key), version) for key, version in msg.reads]
-    writes, size_bytes = _admit_txn_writes(state, peer, msg.writes)
-    return await _once(state, msg.op_id, lambda: _txn(state, msg, reads, writes, size_bytes))
+    writes, encoded = _admit_txn_writes(state, peer, msg.writes)
+    return await _once(state, msg.op_id, lambda: _txn(state, msg, reads, writes, encoded))
 
 
 def _admit_txn_writes(
     state: DroneState, peer: PeerInfo, writes: Sequence[tuple[Key, str, Any]]
-) -> tuple[list[Planned], int]:
+) -> tuple[list[Planned], list[Encoded]]:
     planned: list[Planned] = []
+    encodings: list[Encoded] = []
     seen: set[bytes] = set()
     total_bytes = 0
     for key, kind, value in writes:
@@ -168,13 +170,15 @@ def _admit_txn_writes(
             raise BadRequest(f"key {key!r} is written twice in one transaction")
         seen.add(data)
         deleted = kind == TXN_DELETE
-        total_bytes += 0 if deleted else _value_bytes(state, value)
+        encoded = None if deleted else _encode_value(state, value)
+        total_bytes += 0 if encoded is None else len(encoded)
         planned.append((slot, data, None if deleted else value, deleted))
+        encodings.append(encoded)
     if total_bytes > MAX_OP_VALUE_BYTES:
         raise TooLarge(
             f"transaction writes {total_bytes} bytes of values, limit {MAX_OP_VALUE_BYTES}"
         )
-    return planned, total_bytes
+    return planned, encodings
 
 
 async def _txn(
@@ -182,7 +186,7 @@ async def _txn(
     msg: TxnCommit,
     reads: list[tuple[int, bytes, int]],
     writes: list[Planned],
-    size_bytes: int,
+    encoded: list[Encoded],
 ) -> Message:
     keys = sorted({(slot, data) for slot, data, _ in reads} | {(s, d) for s, d, _, _ in writes})
     epochs = {slot: await state.wait_serving(slot) for slot in sorted({s for s, _ in keys})}
@@ -197,7 +201,7 @@ async def _txn(
         )
     if not writes:
         return Committed(versions=[])
-    versions = await _write(state, msg.op_id, msg.ack, writes, size_bytes)
+    versions = await _write(state, msg.op_id, msg.ack, writes, encoded)
     return Committed(versions=versions)
 
 
@@ -220,41 +224,52 @@ async def _once(
 
 
 async def _write(
-    state: DroneState, op_id: bytes, ack: str, writes: list[Planned], size_bytes: int
+    state: DroneState, op_id: bytes, ack: str, writes: list[Planned], encoded: list[Encoded]
 ) -> list[int]:
     """Hand out versions, mark the keys pending, send to the db; return the new versions.
 
-    Must be entered with no await since the caller's last check of slots and versions."""
-    planned = []
-    for slot, data, value, deleted in writes:
+    `encoded` holds each write's value CBOR (None for a deletion). Must be entered with no
+    await since the caller's last check of slots and versions."""
+    versions = []
+    for slot, _data, _value, _deleted in writes:
         epoch = state.table.epoch_of(slot)
         if epoch is None:
             raise RuntimeError(f"slot {slot} vanished between check and write")
-        planned.append(DbWrite(slot, data, value, deleted, state.store.next_version(slot, epoch)))
-    keys = [(write.slot, write.key) for write in planned]
+        versions.append(state.store.next_version(slot, epoch))
+    keys = [(slot, data) for slot, data, _value, _deleted in writes]
     state.pending.add(keys)
-    assigned = [write.version for write in planned]
     memory = ack == ACK_MEMORY
     if memory:
-        _apply(state, planned)
-    on_done = _completion(state, planned, keys, applied=memory)
-    op = DbOp(op_id=op_id, writes=planned)
+        _apply(state, writes, versions)
+    on_done = _completion(state, writes, keys, applied=memory)
+    op = pack_op(
+        op_id,
+        [
+            (slot, data, version, value)
+            for (slot, data), version, value in zip(keys, versions, encoded, strict=True)
+        ],
+    )
+    size_bytes = sum(len(value) for value in encoded if value is not None)
     if memory:
         await state.batcher.submit(op, size_bytes, on_done)
-        return assigned
+        return versions
     return await state.batcher.commit(op, size_bytes, on_done)
 
 
-def _apply(state: DroneState, writes: list[DbWrite]) -> None:
-    for write in writes:
-        if state.store.has_slot(write.slot):
-            state.store.apply(
-                write.slot, write.key, write.value, write.version, deleted=write.deleted
-            )
+def _apply(state: DroneState, writes: list[Planned], versions: Sequence[int]) -> None:
+    """Install `writes` in memory with `versions`."""
+    store = state.store
+    for (slot, data, value, deleted), version in zip(writes, versions, strict=True):
+        if store.has_slot(slot):
+            store.apply(slot, data, value, version, deleted=deleted)
 
 
 def _completion(
-    state: DroneState, planned: list[DbWrite], keys: list[tuple[int, bytes]], *, applied: bool
+    state: DroneState,
+    planned: list[Planned],
+    keys: list[tuple[int, bytes]],
+    *,
+    applied: bool,
 ) -> Completion:
     def on_done(versions: list[int] | None, error: ServiceError | None) -> None:
         try:
@@ -263,15 +278,11 @@ def _completion(
                     log.error("memory-acked write lost, db refused it: %s", error.message)
                 return
             if versions is not None and len(versions) == len(planned) and not applied:
-                # Versions other than ours: the db answered a retried op_id with its first
-                # result and applied nothing now. Install that result (same writes, the
-                # db's versions); `apply` skips a key that already holds something newer.
-                _apply(state, [_with_version(w, v) for w, v in zip(planned, versions, strict=True)])
+                # Ours, or other versions when the db answered a retried op_id with its first
+                # result and applied nothing now: install that result (same writes, the db's
+                # versions); `apply` skips a key that already holds something newer.
+                _apply(state, planned, versions)
         finally:
             state.pending.resolve(keys)
 
     return on_done
-
-
-def _with_version(write: DbWrite, version: int) -> DbWrite:
-    return DbWrite(write.slot, write.key, write.value, write.deleted, version)

@@ -1,6 +1,7 @@
 """Simulated time: trio's MockClock, and worker-thread calls run inline.
 
-The db runs SQLite in worker threads (`trio.to_thread.run_sync`). Under trio's `MockClock`
+The db runs SQLite in a thread of its own (keyval.db.worker), other blocking calls run in
+`trio.to_thread.run_sync`. Under trio's `MockClock`
 with `autojump_threshold=0`, virtual time jumps whenever every task is blocked, including a
 task waiting for a thread: a group commit could then take "seconds" of virtual time, leases
 lapse and deadlines fire while the disk works, which never happens on a real machine. A
@@ -10,7 +11,8 @@ times per run; and a thread's finishing time is real time, which breaks replay.
 
 So a simulation runs thread calls inline: `inline_thread_calls()` replaces
 `trio.to_thread.run_sync` with a version that calls the function on the trio thread between
-two checkpoints, as FoundationDB's simulator runs its disk in its one thread. A disk call then
+two checkpoints, and makes the db's backend thread do the same (keyval.db.worker.inline_calls),
+as FoundationDB's simulator runs its disk in its one thread. A disk call then
 takes no virtual time, the run stays deterministic, and the autojump clock can jump at once.
 A simulated disk call blocks the loop for its real duration, which costs wall time only.
 """
@@ -26,6 +28,8 @@ import trio
 import trio.lowlevel
 import trio.testing
 import trio.to_thread
+
+from keyval.db.worker import inline_calls
 
 # Virtual time starts here rather than at 0, so code that treats 0 as "never" is not fooled.
 START_S = 1000.0
@@ -56,6 +60,7 @@ def inline_thread_calls() -> Iterator[None]:
 
     trio.to_thread.run_sync = inline  # type: ignore[assignment]
     try:
-        yield
+        with inline_calls():  # the db's backend thread, likewise
+            yield
     finally:
         trio.to_thread.run_sync = original  # type: ignore[assignment]

@@ -21,6 +21,9 @@ from keyval.db.postgres import PostgresBackend
 from keyval.db.service import DEFAULT_BATCH_MAX_DELAY_MS, DEFAULT_BATCH_MAX_OPS, Database
 from keyval.db.sqlite import SqliteBackend
 from keyval.grants import Grant, sign_grant
+from keyval.keys import Key, canonical_key, key_slot
+from keyval.messages import WireOp, pack_op
+from wire import codec
 from wire.channel import PeerInfo
 
 POSTGRES_ENV = "KEYVAL_TEST_POSTGRES"
@@ -101,3 +104,14 @@ def make_grant(
     key: bytes, ranges: tuple[tuple[int, int, int], ...], *, drone: str = "drone-1", term: int = 1
 ) -> Grant:
     return sign_grant(Grant(drone, term, ranges, 0), key)
+
+
+def wire_op(op_id: bytes, *writes: tuple[Key, object, int, bool]) -> WireOp:
+    """A write batch op from (key, value, version, deleted) writes, as a drone packs it."""
+    return pack_op(
+        op_id,
+        [
+            (key_slot(key), canonical_key(key), version, None if deleted else codec.encode(value))
+            for key, value, version, deleted in writes
+        ],
+    )

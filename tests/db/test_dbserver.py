@@ -22,15 +22,15 @@ from keyval.messages import (
     DbBatchResult,
     DbGrantKey,
     DbGrantKeyReply,
-    DbOp,
     DbReadSlot,
     DbRegisterTerm,
     DbSlotPage,
     DbTerm,
-    DbWrite,
     DbWriteBatch,
+    pack_op,
 )
 from keyval.nodeconfig import NodeOptions
+from wire import codec
 from wire.errors import Unauthorized
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,9 +104,11 @@ async def test_daemon_serves_commanders_and_drones(tmp_path: Path) -> None:
                 reply = await commander.request(DbGrantKey())
                 assert isinstance(reply, DbGrantKeyReply)
             grant = sign_grant(Grant("drone-1", 1, ((0, 16383, 1),), 0), reply.key)
-            write = DbWrite(key_slot("k"), canonical_key("k"), "v", False, 1)
+            write = (key_slot("k"), canonical_key("k"), 1, codec.encode("v"))
             async with await connect("drone-1") as drone:
-                result = await drone.request(DbWriteBatch([grant], [DbOp(b"o" * 16, [write])]))
+                result = await drone.request(
+                    DbWriteBatch.of([grant], [pack_op(b"o" * 16, [write])])
+                )
                 assert result == DbBatchResult([("ok", [1])])
                 page = await drone.request(DbReadSlot(grant, key_slot("k")))
                 assert isinstance(page, DbSlotPage)

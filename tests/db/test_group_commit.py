@@ -8,9 +8,8 @@ import trio
 
 from keyval.db.backend import Backend
 from keyval.db.committer import GroupCommitter
-from keyval.keys import canonical_key, key_slot
-from keyval.messages import DbOp, DbWrite, DbWriteBatch
-from tests.db.conftest import DRONE, grant_key, make_grant, start_database
+from keyval.messages import DbWriteBatch
+from tests.db.conftest import DRONE, grant_key, make_grant, start_database, wire_op
 
 SUBMITTERS = 200
 
@@ -25,9 +24,8 @@ async def test_concurrent_submissions_share_transactions(
 
         async def submit(number: int) -> None:
             key = f"key-{number}"
-            write = DbWrite(key_slot(key), canonical_key(key), number, False, 1)
-            op = DbOp(number.to_bytes(16, "big"), [write])
-            results.append(await database.handle(DRONE, DbWriteBatch([grant], [op])))
+            op = wire_op(number.to_bytes(16, "big"), (key, number, 1, False))
+            results.append(await database.handle(DRONE, DbWriteBatch.of([grant], [op])))
 
         async with trio.open_nursery() as submitters:
             for number in range(SUBMITTERS):

@@ -9,21 +9,21 @@ import pytest
 import trio
 
 from keyval.db.backend import Backend
-from keyval.db.service import OP_ID_BYTES, Database
+from keyval.db.batch import OP_ID_BYTES
+from keyval.db.service import Database
 from keyval.grants import Grant
 from keyval.keys import canonical_key, key_slot
 from keyval.messages import (
     DbBatchResult,
     DbLoadMap,
     DbMap,
-    DbOp,
     DbReadSlot,
     DbRegisterTerm,
     DbSaveMap,
     DbSlotPage,
     DbTerm,
-    DbWrite,
     DbWriteBatch,
+    WireOp,
 )
 from tests.db.conftest import (
     CLIENT,
@@ -34,16 +34,17 @@ from tests.db.conftest import (
     grant_key,
     make_grant,
     start_database,
+    wire_op,
 )
+from wire import codec
 from wire.channel import PeerInfo
 from wire.errors import BadRequest, Fenced, TooLarge, Unauthorized
 
 ALL = ((0, 16383, 1),)
 
 
-def op(key: Any, value: Any, version: int, op_id: bytes, *, deleted: bool = False) -> DbOp:
-    write = DbWrite(key_slot(key), canonical_key(key), value, deleted, version)
-    return DbOp(op_id, [write])
+def op(key: Any, value: Any, version: int, op_id: bytes, *, deleted: bool = False) -> WireOp:
+    return wire_op(op_id, (key, value, version, deleted))
 
 
 def op_id(number: int) -> bytes:
@@ -51,9 +52,9 @@ def op_id(number: int) -> bytes:
 
 
 async def write(
-    database: Database, grants: list[Grant], ops: list[DbOp], peer: PeerInfo = DRONE
+    database: Database, grants: list[Grant], ops: list[WireOp], peer: PeerInfo = DRONE
 ) -> list[tuple[str, Any]]:
-    reply = await database.handle(peer, DbWriteBatch(grants, ops))
+    reply = await database.handle(peer, DbWriteBatch.of(grants, ops))
     assert isinstance(reply, DbBatchResult)
     return list(reply.results)
 
@@ -133,7 +134,7 @@ async def test_ops_in_one_batch_are_independent(database: Database) -> None:
     ops = [
         op("good", 1, 1, op_id(1)),
         op("other", 1, 1, op_id(2)),  # no grant covers its slot
-        DbOp(b"short", []),  # bad op id
+        [b"short"],  # bad op id
         op("good", 2, 2, op_id(3)),
     ]
     results = await write(database, [good], ops)
@@ -145,9 +146,8 @@ async def test_writes_of_one_op_are_all_or_nothing(database: Database) -> None:
     key = await grant_key(database)
     covered = key_slot("in")
     grant = make_grant(key, ((covered, covered, 1),))
-    inside = DbWrite(covered, canonical_key("in"), 1, False, 1)
-    outside = DbWrite(key_slot("out"), canonical_key("out"), 1, False, 1)
-    [result] = await write(database, [grant], [DbOp(op_id(1), [inside, outside])])
+    both = wire_op(op_id(1), ("in", 1, 1, False), ("out", 1, 1, False))
+    [result] = await write(database, [grant], [both])
     assert result[0] == "FENCED"
     assert await read_all(database, grant, covered) == {}
 
@@ -166,8 +166,8 @@ async def test_retried_op_applies_once(database: Database) -> None:
 @pytest.mark.parametrize(
     ("peer", "request_"),
     [
-        (CLIENT, DbWriteBatch([], [])),
-        (COMMANDER, DbWriteBatch([], [])),
+        (CLIENT, DbWriteBatch.of([], [])),
+        (COMMANDER, DbWriteBatch.of([], [])),
         (CLIENT, DbLoadMap()),
         (DRONE, DbRegisterTerm("drone-1", 1)),
         (DRONE, DbSaveMap(1, 1, [])),
@@ -246,18 +246,88 @@ async def test_bad_maps_are_bad_requests(
         await database.handle(COMMANDER, DbSaveMap(1, 1, ranges))
 
 
-async def test_bad_writes_get_typed_errors(database: Database) -> None:
+def write_op(number: int, slot: Any, key: Any, version: Any, value: Any) -> WireOp:
+    return [op_id(number), slot, key, version, value]
+
+
+SLOT_A, KEY_A, VALUE = key_slot("a"), canonical_key("a"), codec.encode(1)
+
+
+@pytest.mark.parametrize(
+    ("bad_op", "code", "names"),
+    [
+        (write_op(0, SLOT_A + 1, KEY_A, 1, VALUE), "BAD_REQUEST", "op 0 write 0: key"),
+        (write_op(0, 0, b"zzz", 1, VALUE), "BAD_REQUEST", "op 0 write 0: key"),
+        (write_op(0, SLOT_A, KEY_A, 0, VALUE), "BAD_REQUEST", "op 0 write 0: bad version"),
+        (write_op(0, SLOT_A, KEY_A, -1, None), "BAD_REQUEST", "op 0 write 0: bad version"),
+        (write_op(0, SLOT_A, KEY_A, 2**63, VALUE), "BAD_REQUEST", "op 0 write 0: bad version"),
+        (write_op(0, SLOT_A, KEY_A, "1", VALUE), "BAD_REQUEST", "op 0 write 0: bad version"),
+        (write_op(0, SLOT_A, KEY_A, True, VALUE), "BAD_REQUEST", "op 0 write 0: bad version"),
+        (write_op(0, SLOT_A, KEY_A, 1, b"x" * (600 * 1024)), "TOO_LARGE", "op 0 write 0: value"),
+        (write_op(0, SLOT_A, KEY_A, 1, b""), "BAD_REQUEST", "op 0 write 0: value"),
+        (write_op(0, SLOT_A, KEY_A, 1, "text"), "BAD_REQUEST", "op 0 write 0: value"),
+        (write_op(0, SLOT_A, KEY_A, 1, 7), "BAD_REQUEST", "op 0 write 0: value"),
+        (write_op(0, SLOT_A, KEY_A, 1, b"\x82\x01"), "BAD_REQUEST", "op 0 write 0: value is not"),
+        (write_op(0, SLOT_A, KEY_A, 1, VALUE + b"\x01"), "BAD_REQUEST", "op 0 write 0: value is"),
+        (write_op(0, SLOT_A, KEY_A, 1, b"\xc1\x00"), "BAD_REQUEST", "op 0 write 0: value is not"),
+        (write_op(0, 0, b"b" + b"k" * 2000, 1, VALUE), "TOO_LARGE", "op 0 write 0: key"),
+        (write_op(0, SLOT_A, "a", 1, VALUE), "BAD_REQUEST", "op 0 write 0: key must be bytes"),
+        (write_op(0, str(SLOT_A), KEY_A, 1, VALUE), "BAD_REQUEST", "op 0 write 0: slot"),
+        (write_op(0, None, KEY_A, 1, VALUE), "BAD_REQUEST", "op 0 write 0: slot"),
+        (write_op(0, SLOT_A, KEY_A, 1, VALUE)[:-1], "BAD_REQUEST", "op 0: 4 items"),
+        ([*write_op(0, SLOT_A, KEY_A, 1, VALUE), SLOT_A], "BAD_REQUEST", "op 0: 6 items"),
+        ([], "BAD_REQUEST", "op 0: 0 items"),
+        ([b"x" * 15], "BAD_REQUEST", "op 0: op_id"),
+        (["x" * 16], "BAD_REQUEST", "op 0: op_id"),
+        ({"op_id": op_id(0)}, "BAD_REQUEST", "op 0: expected an array"),
+        (op_id(0), "BAD_REQUEST", "op 0: expected an array"),
+        ([op_id(0)] + [SLOT_A, KEY_A, 1, VALUE] * 1025, "TOO_LARGE", "op 0: 1025 writes"),
+    ],
+)
+async def test_bad_ops_get_typed_errors_naming_op_and_field(
+    database: Database, bad_op: Any, code: str, names: str
+) -> None:
     grant = make_grant(await grant_key(database), ALL)
-    wrong_slot = DbWrite((key_slot("a") + 1) % 16384, canonical_key("a"), 1, False, 1)
-    bad_key = DbWrite(0, b"zzz", 1, False, 1)
-    zero_version = DbWrite(key_slot("a"), canonical_key("a"), 1, False, 0)
-    huge = DbWrite(key_slot("a"), canonical_key("a"), b"x" * (600 * 1024), False, 1)
-    long_key = DbWrite(0, b"b" + b"k" * 2000, 1, False, 1)
-    ops = [DbOp(op_id(n), [w]) for n, w in enumerate([wrong_slot, bad_key, zero_version, huge])]
-    ops.append(DbOp(op_id(9), [long_key]))
+    good = op("b", 1, 1, op_id(5))
+    first, second = await write(database, [grant], [bad_op, good])
+    assert first[0] == code
+    assert first[1].startswith(names), first[1]
+    assert second == ("ok", [1])  # a bad op does not fail its neighbours
+    assert await read_all(database, grant, SLOT_A) == {}
+
+
+async def test_bad_op_of_a_batch_is_named_by_its_index(database: Database) -> None:
+    grant = make_grant(await grant_key(database), ALL)
+    ops = [op("b", 1, 1, op_id(1)), op("c", 1, 1, op_id(2)), write_op(3, 0, b"zzz", 1, VALUE)]
     results = await write(database, [grant], ops)
-    codes = [code for code, _ in results]
-    assert codes == ["BAD_REQUEST", "BAD_REQUEST", "BAD_REQUEST", "TOO_LARGE", "TOO_LARGE"]
+    assert [code for code, _ in results] == ["ok", "ok", "BAD_REQUEST"]
+    assert results[2][1].startswith("op 2 write 0: key")
+
+
+async def test_deletion_is_a_null_value_and_an_op_may_write_nothing(database: Database) -> None:
+    grant = make_grant(await grant_key(database), ALL)
+    await write(database, [grant], [op("a", "v", 1, op_id(1))])
+    results = await write(database, [grant], [[op_id(2)], write_op(3, SLOT_A, KEY_A, 2, None)])
+    assert results == [("ok", []), ("ok", [2])]
+    assert await read_all(database, grant, SLOT_A) == {}
+
+
+@pytest.mark.parametrize(
+    ("ops", "error"),
+    [
+        (b"", BadRequest),  # not CBOR
+        (b"\xff", BadRequest),  # not CBOR either
+        (codec.encode({"ops": []}), BadRequest),  # not an array
+        (codec.encode(b"ops"), BadRequest),
+        (codec.encode([[op_id(0)]] * 4097), TooLarge),
+    ],
+)
+async def test_malformed_batches_are_refused_whole(
+    database: Database, ops: bytes, error: type[Exception]
+) -> None:
+    grant = make_grant(await grant_key(database), ALL)
+    with pytest.raises(error, match="ops"):
+        await database.handle(DRONE, DbWriteBatch([grant], ops))
 
 
 async def test_bad_reads_get_typed_errors(database: Database) -> None:
@@ -275,7 +345,7 @@ async def test_bad_reads_get_typed_errors(database: Database) -> None:
 async def test_oversized_batches_are_refused(database: Database) -> None:
     grant = make_grant(await grant_key(database), ALL)
     with pytest.raises(TooLarge):
-        await database.handle(DRONE, DbWriteBatch([grant] * 17, []))
+        await database.handle(DRONE, DbWriteBatch.of([grant] * 17, []))
 
 
 async def test_decisions(database: Database) -> None:

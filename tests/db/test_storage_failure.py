@@ -18,8 +18,8 @@ import trio
 
 from keyval.db.sqlite import SqliteBackend
 from keyval.keys import canonical_key, key_slot
-from keyval.messages import DbBatchResult, DbOp, DbReadSlot, DbSlotPage, DbWrite, DbWriteBatch
-from tests.db.conftest import DRONE, grant_key, make_grant, start_database
+from keyval.messages import DbBatchResult, DbReadSlot, DbSlotPage, DbWriteBatch, WireOp
+from tests.db.conftest import DRONE, grant_key, make_grant, start_database, wire_op
 
 ALL = ((0, 16383, 1),)
 
@@ -46,9 +46,8 @@ def immutable(tmp_path: Path) -> Iterator[list[Path]]:
         chattr("-i", paths)
 
 
-def op(key: str, version: int, number: int) -> DbOp:
-    write = DbWrite(key_slot(key), canonical_key(key), key, False, version)
-    return DbOp(number.to_bytes(16, "big"), [write])
+def op(key: str, version: int, number: int) -> WireOp:
+    return wire_op(number.to_bytes(16, "big"), (key, key, version, False))
 
 
 async def test_read_only_file_fails_the_batch_then_recovers(
@@ -58,13 +57,13 @@ async def test_read_only_file_fails_the_batch_then_recovers(
     async with trio.open_nursery() as nursery:
         database = await start_database(nursery, SqliteBackend(path))
         grant = make_grant(await grant_key(database), ALL)
-        first = await database.handle(DRONE, DbWriteBatch([grant], [op("before", 1, 1)]))
+        first = await database.handle(DRONE, DbWriteBatch.of([grant], [op("before", 1, 1)]))
         assert first == DbBatchResult([("ok", [1])])
 
         immutable.extend([path, path.with_name(path.name + "-wal")])
         assert chattr("+i", immutable).returncode == 0
         failed = await database.handle(
-            DRONE, DbWriteBatch([grant], [op("lost", 1, 2), op("lost2", 1, 3)])
+            DRONE, DbWriteBatch.of([grant], [op("lost", 1, 2), op("lost2", 1, 3)])
         )
         assert isinstance(failed, DbBatchResult)
         for code, message in failed.results:
@@ -72,10 +71,10 @@ async def test_read_only_file_fails_the_batch_then_recovers(
             assert message.startswith("database write failed:")
 
         chattr("-i", immutable)
-        later = await database.handle(DRONE, DbWriteBatch([grant], [op("after", 1, 4)]))
+        later = await database.handle(DRONE, DbWriteBatch.of([grant], [op("after", 1, 4)]))
         assert later == DbBatchResult([("ok", [1])])
         # The op that failed was not recorded: its retry applies now.
-        retried = await database.handle(DRONE, DbWriteBatch([grant], [op("lost", 1, 2)]))
+        retried = await database.handle(DRONE, DbWriteBatch.of([grant], [op("lost", 1, 2)]))
         assert retried == DbBatchResult([("ok", [1])])
         nursery.cancel_scope.cancel()
     await database.aclose()

@@ -8,15 +8,16 @@ import pytest
 import trio
 
 from keyval.drone.batcher import WriteBatcher
-from keyval.messages import DbOp, DbWrite
+from keyval.messages import WireOp, pack_op
 from tests.drone.test_write_path import GRANT, SlowDb
+from wire import codec
 
 
-def write_to(key: bytes, version: int) -> DbOp:
-    return DbOp(op_id=os.urandom(16), writes=[DbWrite(1, key, version, False, version)])
+def write_to(key: bytes, version: int) -> WireOp:
+    return pack_op(os.urandom(16), [(1, key, version, codec.encode(version))])
 
 
-async def commit_all(batcher: WriteBatcher, ops: list[DbOp], gap_s: float) -> None:
+async def commit_all(batcher: WriteBatcher, ops: list[WireOp], gap_s: float) -> None:
     """Submit `ops` in order, `gap_s` apart, and wait for every one to commit."""
     async with trio.open_nursery() as writers:
         for op in ops:
@@ -33,7 +34,7 @@ async def test_disjoint_batches_overlap_up_to_the_limit(
     # One op every 10 ms against a 50 ms db: a new batch is ready long before the last ends.
     await commit_all(batcher, [write_to(b"k%d" % n, 1) for n in range(20)], gap_s=0.01)
     assert db.most_in_flight == 2
-    assert sum(len(batch.ops) for batch in db.batches) == 20
+    assert sum(len(batch) for batch in db.batches) == 20
     assert batcher.statistics()["in_flight"] == 0
 
 
@@ -46,7 +47,7 @@ async def test_writes_to_one_key_never_overlap_and_keep_version_order(
     ops = [write_to(b"same", version) for version in range(1, 21)]
     await commit_all(batcher, ops, gap_s=0.01)
     assert db.most_in_flight == 1
-    sent = [op.writes[0].version for batch in db.batches for op in batch.ops]
+    sent = [op[3] for batch in db.batches for op in batch]
     assert sent == list(range(1, 21))
 
 
@@ -59,7 +60,7 @@ async def test_a_batch_sharing_a_key_waits_for_the_one_in_flight(
     # a@1 goes alone; b@1 overlaps it; a@2 must wait until a@1's batch is back.
     ops = [write_to(b"a", 1), write_to(b"b", 1), write_to(b"a", 2)]
     await commit_all(batcher, ops, gap_s=0.01)
-    order = [(op.writes[0].key, op.writes[0].version) for b in db.batches for op in b.ops]
+    order = [(op[2], op[3]) for batch in db.batches for op in batch]
     assert order.index((b"a", 1)) < order.index((b"a", 2))
     assert db.most_in_flight == 2
 

@@ -24,9 +24,7 @@ from keyval.messages import (
     Committed,
     CompareAndSet,
     DbBatchResult,
-    DbOp,
     DbReadSlot,
-    DbWrite,
     DbWriteBatch,
     Delete,
     Get,
@@ -38,8 +36,10 @@ from keyval.messages import (
     ValueReply,
     ValuesReply,
     Written,
+    pack_op,
 )
 from tests.drone.harness import AUTOJUMP_S, DB_ADDRESS, Cluster
+from wire import codec
 from wire.channel import PeerInfo
 from wire.errors import BadRequest, Conflict, Moved, TooLarge, Unauthorized, Unavailable
 from wire.messages import Message
@@ -374,8 +374,8 @@ async def test_stale_grant_is_fenced_and_answered_unavailable(cluster: Cluster) 
 async def test_reseed_loads_a_newly_granted_slot_and_dropped_slot_moves(cluster: Cluster) -> None:
     # The slot's previous owner wrote it under epoch 2.
     before = cluster.grant_for("other-drone", (SLOT_C, SLOT_C, 2))
-    write = DbWrite(SLOT_C, canonical_key("{c}seed"), "old", False, (2 << 40) + 5)
-    batch = DbWriteBatch(grants=[before], ops=[DbOp(op_id=op(), writes=[write])])
+    write = (SLOT_C, canonical_key("{c}seed"), (2 << 40) + 5, codec.encode("old"))
+    batch = DbWriteBatch.of([before], [pack_op(op(), [write])])
     assert isinstance(await cluster.db_request("other-drone", batch), DbBatchResult)
     await cluster.grant_and_wait((SLOT_A, SLOT_A, 1), (SLOT_C, SLOT_C, 2))
     got = await call(cluster, Get(key="{c}seed"))

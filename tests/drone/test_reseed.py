@@ -37,14 +37,14 @@ from keyval.messages import (
     DbBatchResult,
     DbGrantKey,
     DbGrantKeyReply,
-    DbOp,
     DbReadSlot,
     DbReadSlots,
     DbSlotsPage,
-    DbWrite,
     DbWriteBatch,
+    pack_op,
 )
 from tests.drone.harness import AUTOJUMP_S
+from wire import codec
 from wire.channel import PeerInfo
 from wire.errors import Internal
 from wire.messages import Message
@@ -98,10 +98,10 @@ class Rig:
         grant = self.grant((0, 16383, 1), drone="drone-2")
         for start in range(0, len(items), WRITE_CHUNK):
             ops = [
-                DbOp(os.urandom(16), [DbWrite(key_slot(k), canonical_key(k), v, False, 7)])
+                pack_op(os.urandom(16), [(key_slot(k), canonical_key(k), 7, codec.encode(v))])
                 for k, v in items[start : start + WRITE_CHUNK]
             ]
-            reply = await self.database.handle(OTHER_DRONE, DbWriteBatch([grant], ops))
+            reply = await self.database.handle(OTHER_DRONE, DbWriteBatch.of([grant], ops))
             assert isinstance(reply, DbBatchResult)
             assert all(result[0] == "ok" for result in reply.results)
 

@@ -22,10 +22,11 @@ from auth.datadir import MASTER_KEY_FILE, SIGNING_KEY_FILE
 from keyval import observe
 from keyval.grants import Grant, sign_grant
 from keyval.keys import canonical_key, key_slot
-from keyval.messages import DbGrantKey, DbGrantKeyReply, DbOp, DbRegisterTerm, DbWrite, DbWriteBatch
+from keyval.messages import DbGrantKey, DbGrantKeyReply, DbRegisterTerm, DbWriteBatch, pack_op
 from keyval.nodeconfig import ConfigError, add_identity_arguments, resolve
 from keyval.observe.context import bind_node, set_request, stimulus
 from tests.observe.conftest import DB_NAME, WAIT_S, Cluster
+from wire import codec
 from wire.errors import Unauthorized
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,8 +64,8 @@ async def exercise(cluster: Cluster) -> dict[str, bytes]:
             with pytest.raises(Unauthorized):
                 await drone.request(DbGrantKey())
             grant = sign_grant(Grant("drone-1", 1, ((0, 16383, 1),), 0), reply.key)
-            write = DbWrite(key_slot("k"), canonical_key("k"), "v", False, 1)
-            await drone.request(DbWriteBatch([grant], [DbOp(b"o" * 16, [write])]))
+            write = (key_slot("k"), canonical_key("k"), 1, codec.encode("v"))
+            await drone.request(DbWriteBatch.of([grant], [pack_op(b"o" * 16, [write])]))
     return secrets
 
 

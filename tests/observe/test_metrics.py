@@ -12,15 +12,15 @@ from keyval.messages import (
     DbBatchResult,
     DbGrantKey,
     DbGrantKeyReply,
-    DbOp,
     DbRegisterTerm,
-    DbWrite,
     DbWriteBatch,
+    pack_op,
 )
 from keyval.observe import NodeMetrics, serve_metrics
 from keyval.observe.http import MAX_REQUEST_HEAD_BYTES
 from tests.observe.conftest import DB_NAME, WAIT_S, Cluster
 from tests.observe.scrape import http_exchange, scrape
+from wire import codec
 from wire.errors import Unauthorized
 
 
@@ -42,8 +42,8 @@ async def test_requests_and_errors_are_counted_by_op_and_code(cluster: Cluster) 
             with pytest.raises(Unauthorized):
                 await drone.request(DbGrantKey())  # only commanders get the grant key
             grant = sign_grant(Grant("drone-1", 1, ((0, 16383, 1),), 0), reply.key)
-            write = DbWrite(key_slot("k"), canonical_key("k"), "v", False, 1)
-            result = await drone.request(DbWriteBatch([grant], [DbOp(b"o" * 16, [write])]))
+            write = (key_slot("k"), canonical_key("k"), 1, codec.encode("v"))
+            result = await drone.request(DbWriteBatch.of([grant], [pack_op(b"o" * 16, [write])]))
             assert result == DbBatchResult([("ok", [1])])
 
     after = await scrape(cluster.metrics_address)
