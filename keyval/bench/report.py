@@ -297,7 +297,8 @@ whose client pipelines one GET per command; redis-benchmark's rows use `-P`).
 
 Redis runs `put`, `mixed` and `txn-local` with `appendonly yes` and `appendfsync always`
 (durable, as keyval's default ack is) and `get` and `put-memory` with persistence off;
-`txn-local` is WATCH, MGET, MULTI/SET/SET/EXEC there, on a connection per transaction task.
+`txn-local` is WATCH, MGET, MULTI/SET/SET/EXEC there, on a connection per transaction task;
+on keyval it is `transact` with one `tx.get_many` of both keys, then the two puts.
 `txn-cross` reads and writes two keys owned by two different drones (picked from the slot
 map), so every transaction is a two-phase commit; on Redis it is the same WATCH/MULTI on two
 keys. `--profile` samples drone-1 with py-spy (the `bench` extra, which the project venv

@@ -34,10 +34,11 @@ class KeyvalSession:
 
     async def increment_pair(self, first: str, second: str) -> None:
         async def bump(tx: AsyncTransaction) -> None:
-            a = await tx.get(first, 0)
-            b = await tx.get(second, 0)
-            await tx.put(first, a + 1)
-            await tx.put(second, b - 1)
+            # Both reads in one go (one request per drone, concurrently), as Redis's MGET
+            # between WATCH and MULTI: the same round trips on both sides.
+            seen = await tx.get_many([first, second])
+            await tx.put(first, seen.get(first, 0) + 1)
+            await tx.put(second, seen.get(second, 0) - 1)
 
         await self.client.transact(bump, ack=self.ack)
 
