@@ -37,7 +37,6 @@ DEFAULT_MAX_VALUE_BYTES = 512 * 1024
 TYPE_STR = b"s"
 TYPE_BYTES = b"b"
 TYPE_INT = b"i"
-_TYPE_INT_BYTE = TYPE_INT[0]
 
 # The int header byte: 0x80 + L for non-negative, 0x7F - L for negative, so L stays below 128.
 # 127 bytes of magnitude is far beyond any sensible integer key (and the key limit anyway).
@@ -180,9 +179,5 @@ def check_key_slot(key: object, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES) -> t
         data = prefix + payload
         if len(data) <= max_key_bytes:
             return data, binascii.crc_hqx(hash_tag_part(payload), 0) % NUM_SLOTS
-    data = check_key(key, max_key_bytes)
-    if data[0] == _TYPE_INT_BYTE:
-        hashed = str(key).encode("ascii")
-    else:  # str and bytes hash what follows the type byte: the UTF-8 or the bytes themselves
-        hashed = hash_tag_part(data[1:])
-    return data, binascii.crc_hqx(hashed, 0) % NUM_SLOTS
+    data = check_key(key, max_key_bytes)  # int keys, and every refusal
+    return data, key_slot(key)  # type: ignore[arg-type]  # check_key admitted its type

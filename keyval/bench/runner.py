@@ -18,6 +18,7 @@ from keyval.bench.errors import BenchError
 from keyval.bench.etcdserver import EtcdMissing, running_etcd
 from keyval.bench.failover import drone_failover, leader_failover
 from keyval.bench.fanout import LoadResult, run_load, worker_specs
+from keyval.bench.loadgen import WorkerSpec
 from keyval.bench.options import BenchOptions
 from keyval.bench.proc import ServerProcess, cpu_delta_by_role, cpu_snapshot, rss_bytes
 from keyval.bench.profile import Profiler, ProfilerMissing
@@ -133,9 +134,10 @@ def _cpu_hook(processes: list[ServerProcess]) -> Callable[[str], dict[str, Any]]
     return hook
 
 
-def run_keyval(options: BenchOptions, handle: ClusterHandle, outcome: Outcome) -> Row:
-    specs = worker_specs(
-        target="keyval",
+def _throughput_specs(options: BenchOptions, target: str, **where: Any) -> list[WorkerSpec]:
+    """The load shape the options name, against `target` (`where`: its config or address)."""
+    return worker_specs(
+        target=target,
         workload=options.workload,
         connections=options.connections,
         pipeline=options.pipeline,
@@ -143,8 +145,13 @@ def run_keyval(options: BenchOptions, handle: ClusterHandle, outcome: Outcome) -
         keys=options.keys,
         value_bytes=options.value_bytes,
         preload=options.workload in PRELOADED,
-        config=str(handle.client_config),
-        autobatch=options.autobatch,
+        **where,
+    )
+
+
+def run_keyval(options: BenchOptions, handle: ClusterHandle, outcome: Outcome) -> Row:
+    specs = _throughput_specs(
+        options, "keyval", config=str(handle.client_config), autobatch=options.autobatch
     )
     cpu_hook = _cpu_hook(handle.processes())
     profiler = _profiler(options, handle, outcome)
@@ -180,18 +187,7 @@ def _profiler(options: BenchOptions, handle: ClusterHandle, outcome: Outcome) ->
 
 def _drive_server(options: BenchOptions, target: str, process_name: str, server: Any) -> Row:
     """Our load generator against one comparison server (Redis or etcd): its result row."""
-    specs = worker_specs(
-        target=target,
-        workload=options.workload,
-        connections=options.connections,
-        pipeline=options.pipeline,
-        processes=options.processes,
-        keys=options.keys,
-        value_bytes=options.value_bytes,
-        preload=options.workload in PRELOADED,
-        host=server.host,
-        port=server.port,
-    )
+    specs = _throughput_specs(options, target, host=server.host, port=server.port)
     processes = [ServerProcess(target, process_name, server.pid)]
     result = run_load(
         specs, warmup_s=options.warmup_s, seconds=options.seconds, on_window=_cpu_hook(processes)

@@ -1,14 +1,13 @@
 """Drone-side group commit: client writes go to the db in batches, a few batches in flight.
 
 `submit` queues one op (a flat `WireOp` array, keyval.messages.pack_op) with a completion
-callback; it does not yield to the scheduler
-unless the queue is full (MAX_QUEUED_OPS, then it waits for room). The batch loop waits
-until fewer than MAX_BATCHES_IN_FLIGHT batches are at the db, then closes the next batch
-from the queue: at once if the queue holds a full batch (BATCH_MAX_OPS, BATCH_MAX_BYTES) or
-if as many ops have arrived since the last batch came back as that batch held (its
-writers, answered, send their next writes: waiting longer would only delay them), else
-after at most BATCH_WINDOW_MS. It sends one DbWriteBatch with the
-drone's current grant. Batches in flight never share a key: a batch that writes a key of a
+callback; it does not yield to the scheduler unless the queue is full (MAX_QUEUED_OPS, then
+it waits for room). The batch loop waits until fewer than MAX_BATCHES_IN_FLIGHT batches are
+at the db, then closes the next batch from the queue: at once if the queue holds a full
+batch (BATCH_MAX_OPS, BATCH_MAX_BYTES) or if as many ops have arrived since the last batch
+came back as that batch held (its writers, answered, send their next writes: waiting longer
+would only delay them), else after at most BATCH_WINDOW_MS. It sends one DbWriteBatch with
+the drone's current grant. Batches in flight never share a key: a batch that writes a key of a
 batch still in flight waits until no batch is in flight, so the db sees the writes to any
 one key in the order their versions were handed out. When a batch's result is known every
 op's callback runs (so in-memory applies happen even if the client that asked has gone
