@@ -26,9 +26,9 @@ from typing import Any
 
 import trio
 
-from keyval.client.errors import NoOwner
+from keyval.client.errors import DeadlineExceeded, NoOwner
 from keyval.client.policy import Attempts
-from keyval.client.router import Router
+from keyval.client.router import RETRYABLE_ERRORS, Router
 from keyval.client.routing import Route
 from keyval.keys import key_slot
 from keyval.messages import Committed, TxnAbort, TxnOutcome, TxnPrepare
@@ -89,6 +89,35 @@ class _Retry(Exception):
     """An attempt aborted for a reason a new attempt may not meet (a move, a lost drone)."""
 
 
+def split_now(
+    router: Router, reads: Sequence[tuple[Key, int]], writes: Sequence[tuple[Key, str, Any]]
+) -> dict[str, _Part] | None:
+    """`split_by_drone` from the slot map in hand, with no await; None when the client has
+    no map yet or a key's slot has no owner in it (the async path then fetches the map)."""
+    table = router.table
+    if table is None:
+        return None
+    parts: dict[str, _Part] = {}
+    for key, version in reads:
+        route = table.route(key_slot(key))
+        if route is None:
+            return None
+        part = parts.get(route.drone)
+        if part is None:
+            part = parts[route.drone] = _Part(route)
+        part.reads.append((key, version))
+    for position, write in enumerate(writes):
+        route = table.route(key_slot(write[0]))
+        if route is None:
+            return None
+        part = parts.get(route.drone)
+        if part is None:
+            part = parts[route.drone] = _Part(route)
+        part.writes.append(write)
+        part.positions.append(position)
+    return parts
+
+
 async def split_by_drone(
     router: Router,
     reads: Sequence[tuple[Key, int]],
@@ -115,19 +144,22 @@ async def commit_across(
     reads: Sequence[tuple[Key, int]],
     writes: Sequence[tuple[Key, str, Any]],
     deadline: float,
+    parts: dict[str, _Part] | None = None,
 ) -> list[int] | None:
     """Commit across drones before `deadline` (trio clock): the versions of `writes` in order,
-    or None when the keys now all live on one drone (the caller commits in one step)."""
+    or None when the keys now all live on one drone (the caller commits in one step).
+    `parts`: the split the caller already made from the current map (`split_now`)."""
     attempts = router.start()
     while True:
         time_left_ms = int((deadline - trio.current_time()) * 1000)
         if time_left_ms <= 0:
             raise TransactionTooOld("the transaction's time bound passed before it committed")
-        try:
-            parts = await split_by_drone(router, reads, writes, attempts)
-        except NoOwner:  # a map older than the slots' assignment (fetched at connect): refresh
-            await router.refresh(attempts, seen=router.refreshes)
-            parts = await split_by_drone(router, reads, writes, attempts)
+        if parts is None:
+            try:
+                parts = await split_by_drone(router, reads, writes, attempts)
+            except NoOwner:  # a map older than the slots' assignment (fetched at connect)
+                await router.refresh(attempts, seen=router.refreshes)
+                parts = await split_by_drone(router, reads, writes, attempts)
         if len(parts) < 2:
             return None
         try:
@@ -142,6 +174,7 @@ async def commit_across(
             if pause is None:
                 raise Unavailable(f"cross-drone commit kept failing: {cause}") from cause
             await trio.sleep(pause)
+            parts = None  # split again with the map as it is now
 
 
 async def _attempt(
@@ -151,6 +184,10 @@ async def _attempt(
     participants = sorted(parts)
     answers: dict[str, Message | ServiceError] = {}
     decided: list[str] = []
+    wait_s = (time_left_ms + ANSWER_MARGIN_MS) / 1000
+    policy = dataclasses.replace(
+        router.policy, request_timeout_s=wait_s, max_attempts=PREPARE_ATTEMPTS
+    )
 
     async def prepare(drone: str, part: _Part) -> None:
         msg = TxnPrepare(
@@ -160,8 +197,9 @@ async def _attempt(
             writes=part.writes,
             time_left_ms=time_left_ms,
         )
+        attempts = Attempts(policy=policy, deadline=trio.current_time() + wait_s)
         try:
-            answers[drone] = await _send(router, part.route, msg, time_left_ms)
+            answers[drone] = await _send(router, part.route, msg, attempts)
         except ServiceError as error:
             answers[drone] = error
             if not isinstance(error, Conflict):  # release the others now, learn the outcome
@@ -211,18 +249,20 @@ def _outcome(
     ) from errors[0]
 
 
-async def _send(router: Router, route: Route, msg: Message, time_left_ms: int) -> Message:
-    """One participant's request, retried (same txid: idempotent) while the bound lasts."""
-    wait_s = (time_left_ms + ANSWER_MARGIN_MS) / 1000
-    policy = dataclasses.replace(
-        router.policy, request_timeout_s=wait_s, max_attempts=PREPARE_ATTEMPTS
-    )
-    attempts = Attempts(policy=policy, deadline=trio.current_time() + wait_s)
+async def _send(router: Router, route: Route, msg: Message, attempts: Attempts) -> Message:
+    """One participant's request, retried (same txid: idempotent) while `attempts` allow.
+    The first try goes straight out (no closure, no retry loop: the happy path)."""
+    try:
+        return await router.send(route, msg, attempts)
+    except DeadlineExceeded:
+        raise
+    except RETRYABLE_ERRORS as error:
+        failed = error
 
     async def once(attempts: Attempts) -> Message:
         return await router.send(route, msg, attempts)
 
-    return await router.retrying(attempts, once, redirects=False)
+    return await router.retrying(attempts, once, redirects=False, failed=failed)
 
 
 async def _abort(router: Router, txid: bytes, parts: list[_Part]) -> str:

@@ -17,15 +17,20 @@ from typing import Any, NamedTuple, TypeVar
 import trio
 
 from keyval.client.checks import admit_key, admit_value
-from keyval.client.errors import TransactionFinished
+from keyval.client.errors import DeadlineExceeded, TransactionFinished
 from keyval.client.policy import Attempts
-from keyval.client.router import Router
+from keyval.client.router import RETRYABLE_ERRORS, RetryableError, Router
 from keyval.client.routing import Route
-from keyval.client.twopc import DEFAULT_TIME_BOUND_MS, TransactionTooOld, commit_across
+from keyval.client.twopc import (
+    DEFAULT_TIME_BOUND_MS,
+    TransactionTooOld,
+    commit_across,
+    split_now,
+)
 from keyval.keys import key_slot
 from keyval.messages import Committed, Get, TxnCommit, ValueReply
 from wire.errors import Conflict, Internal, TooLarge, WireError
-from wire.messages import Key
+from wire.messages import Key, Message
 
 T = TypeVar("T")
 
@@ -227,9 +232,16 @@ class AsyncTransaction:
         try:
             if trio.current_time() >= deadline:
                 raise TransactionTooOld("the transaction's time bound passed before it committed")
-            versions = await commit_across(self._router, request.reads, request.writes, deadline)
-            if versions is None:
-                versions = await self._commit_on_one(request)
+            # One split by drone from the map in hand (no await) serves both paths.
+            parts = split_now(self._router, request.reads, request.writes)
+            if parts is not None and len(parts) == 1:
+                (part,) = parts.values()
+                versions = await self._commit_on_one(request, part.route)
+            else:
+                across = await commit_across(
+                    self._router, request.reads, request.writes, deadline, parts
+                )
+                versions = await self._commit_on_one(request) if across is None else across
         except BaseException:
             if self._state is _State.OPEN:
                 self._state = _State.FAILED
@@ -238,23 +250,33 @@ class AsyncTransaction:
         self.versions = versions
         return self.versions
 
-    async def _commit_on_one(self, request: TxnCommit) -> list[int]:
+    async def _commit_on_one(self, request: TxnCommit, first: Route | None = None) -> list[int]:
+        """One kv.txn_commit; `first`: the owner the current map names (tried once directly,
+        with no closure or retry loop: the happy path), else routed from the map."""
+        failed: RetryableError | None = None
+        attempts = self._router.start()
+        if first is not None:
+            try:
+                return _versions(await self._router.send(first, request, attempts))
+            except DeadlineExceeded:
+                raise
+            except RETRYABLE_ERRORS as error:
+                failed = error
         keys = [key for key, _ in request.reads] + [key for key, _, _ in request.writes]
         ask: list[Route | None] = [None]
 
-        async def once(attempts: Attempts) -> Committed:
+        async def once(attempts: Attempts) -> list[int]:
             target, ask[0] = ask[0], None
             if target is None:
                 target = await self._commit_route(keys, attempts)
-            reply = await self._router.send(target, request, attempts)
-            if not isinstance(reply, Committed):
-                raise Internal(f"a drone answered kv.txn_commit with {reply.TYPE}")
-            return reply
+            return _versions(await self._router.send(target, request, attempts))
 
-        reply = await self._router.retrying(
-            self._router.start(), once, on_ask=lambda route: ask.__setitem__(0, route)
+        return await self._router.retrying(
+            attempts,
+            once,
+            on_ask=lambda route: ask.__setitem__(0, route),
+            failed=failed,
         )
-        return list(reply.versions)
 
     async def _commit_route(self, keys: list[Key], attempts: Attempts) -> Route:
         routes = {}
@@ -267,6 +289,12 @@ class AsyncTransaction:
                 detail={"drones": sorted(routes)},
             )
         return next(iter(routes.values()))
+
+
+def _versions(reply: Message) -> list[int]:
+    if not isinstance(reply, Committed):
+        raise Internal(f"a drone answered kv.txn_commit with {reply.TYPE}")
+    return list(reply.versions)
 
 
 async def _single_error(call: Awaitable[T]) -> T:
