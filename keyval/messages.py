@@ -571,3 +571,18 @@ class DbDecision(Message):
     """The decision that stands for a two-phase-commit transaction: commit or abort."""
 
     decision: str  # "commit" | "abort" | "" (none recorded)
+
+
+@message("db.txn_vote_op")
+class DbTxnVoteOp(Message):
+    """db.txn_vote with the writes as one op of a db.write_batch (`pack_op`: the txid, then
+    slot, key, version and the value's CBOR as bytes, null for a deletion, per write), the
+    whole op CBOR-encoded as `op`. The db checks it field by field as it checks a write batch
+    and stores the values as they come, never decoding them. What drones send since it was
+    added; db.txn_vote stays served. Answered like db.txn_vote."""
+
+    txid: bytes
+    participants: list[str]
+    grant: Grant | None
+    op: bytes
+    wait_ms: int

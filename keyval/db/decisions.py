@@ -25,9 +25,12 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from keyval.db.batch import prepare_op
 from keyval.db.records import DECISION_ABORT, DECISION_COMMIT, StoredWrite
 from keyval.grants import Grant
-from wire.errors import BadRequest, Unavailable
+from keyval.messages import DbTxnVoteOp
+from wire import codec
+from wire.errors import BadRequest, DecodeError, Unavailable
 
 # Drones one transaction may span: at most every drone of a large cluster; bounds a ballot.
 MAX_PARTICIPANTS = 64
@@ -76,6 +79,19 @@ def check_participants(participants: list[str], voter: str) -> tuple[str, ...]:
     return tuple(participants)
 
 
+def vote_writes(vote: DbTxnVoteOp) -> tuple[StoredWrite, ...]:
+    """The writes of a db.txn_vote_op, checked as a write batch's op is (BadRequest/TooLarge
+    naming the field); its op id must be the vote's txid."""
+    try:
+        op = codec.decode(vote.op)
+    except DecodeError as error:
+        raise BadRequest(f"op: {error.message}") from None
+    prepared = prepare_op(0, op)
+    if prepared.op_id != vote.txid:
+        raise BadRequest("a vote's op must carry its txid as the op id")
+    return prepared.writes
+
+
 class VoteCollector:
     """Open ballots by transaction id; `record` stores a decision (see the module docstring)."""
 
@@ -107,8 +123,9 @@ class VoteCollector:
             ballot.votes[voter] = vote  # a repeated vote (a retry) replaces the first
             if len(ballot.votes) == len(participants):
                 await self._finish(txid, ballot, DECISION_COMMIT)
-        with trio.move_on_at(ballot.deadline):
-            await ballot.done.wait()
+        if not ballot.done.is_set():  # the last voter finds it decided: no wait
+            with trio.move_on_at(ballot.deadline):
+                await ballot.done.wait()
         if not ballot.done.is_set():
             await self._finish(txid, ballot, DECISION_ABORT)
         return _standing(ballot)

@@ -22,7 +22,7 @@ from auth.roles import require_role
 from keyval.db.backend import Backend, StorageError
 from keyval.db.batch import MAX_WRITES_PER_OP, decode_ops, prepare_op
 from keyval.db.committer import CommitterStatistics, GroupCommitter
-from keyval.db.decisions import Vote, VoteCollector, check_participants
+from keyval.db.decisions import Vote, VoteCollector, check_participants, vote_writes
 from keyval.db.fences import FenceTable
 from keyval.db.records import (
     DECISION_ABORT,
@@ -55,6 +55,7 @@ from keyval.messages import (
     DbSlotsPage,
     DbTerm,
     DbTxnVote,
+    DbTxnVoteOp,
     DbWrite,
     DbWriteBatch,
 )
@@ -196,6 +197,7 @@ class Database:
             DbLoadMap: (ROLE_COMMANDER, self._load_map),
             DbGrantKey: (ROLE_COMMANDER, self._grant_key_reply),
             DbTxnVote: (ROLE_DRONE, self._txn_vote),
+            DbTxnVoteOp: (ROLE_DRONE, self._txn_vote_op),
             DbDecide: (ROLE_DRONE, self._decide_request),
             DbGetDecision: (ROLE_DRONE, self._get_decision),
         }
@@ -457,18 +459,30 @@ class Database:
 
     async def _txn_vote(self, peer: PeerInfo, request: DbTxnVote) -> DbDecision:
         check_txid(request.txid)
-        participants = check_participants(request.participants, peer.name)
         if len(request.writes) > MAX_WRITES_PER_OP:
             raise TooLarge(f"{len(request.writes)} writes in one vote, limit {MAX_WRITES_PER_OP}")
         writes = tuple(prepare_write(write) for write in request.writes)
+        return await self._count_vote(peer, request.txid, request, writes)
+
+    async def _txn_vote_op(self, peer: PeerInfo, request: DbTxnVoteOp) -> DbDecision:
+        check_txid(request.txid)
+        return await self._count_vote(peer, request.txid, request, vote_writes(request))
+
+    async def _count_vote(
+        self,
+        peer: PeerInfo,
+        txid: bytes,
+        request: DbTxnVote | DbTxnVoteOp,
+        writes: tuple[StoredWrite, ...],
+    ) -> DbDecision:
+        """Count a checked yes vote (either form) and answer the decision once it stands."""
+        participants = check_participants(request.participants, peer.name)
         if writes:
             if request.grant is None:
                 raise BadRequest("a vote with writes needs the grant covering their slots")
             verify_grant(request.grant, self._grant_key, drone=peer.name)
         vote = Vote(request.grant, writes)
-        decision = await self._collector.vote(
-            peer.name, request.txid, participants, vote, request.wait_ms
-        )
+        decision = await self._collector.vote(peer.name, txid, participants, vote, request.wait_ms)
         return DbDecision(decision)
 
     async def _decide_request(self, peer: PeerInfo, request: DbDecide) -> DbDecision:

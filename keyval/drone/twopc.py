@@ -38,7 +38,7 @@ import collections
 import dataclasses
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
@@ -51,12 +51,13 @@ from keyval.messages import (
     Committed,
     DbDecide,
     DbDecision,
-    DbTxnVote,
-    DbWrite,
+    DbTxnVoteOp,
     TxnAbort,
     TxnOutcome,
     TxnPrepare,
+    pack_op,
 )
+from wire import codec
 from wire.channel import PeerInfo
 from wire.errors import (
     BadRequest,
@@ -98,11 +99,22 @@ IN_DOUBT_RETRY_AFTER_MS = 1000
 Key = tuple[int, bytes]  # (slot, canonical key)
 
 
+class _Write(NamedTuple):
+    """One prepared write: what is installed on commit, and its value's CBOR for the vote."""
+
+    slot: int
+    key: bytes
+    value: Any
+    deleted: bool
+    version: int
+    encoded: bytes | None  # None for a deletion
+
+
 @dataclasses.dataclass(eq=False)
 class _Prepared:
     txid: bytes
     keys: list[Key]
-    writes: list[DbWrite]
+    writes: list[_Write]
     before: dict[Key, int]  # version of each written key when it was locked
     decision: str = ""
 
@@ -158,10 +170,10 @@ class Participant:
         if not msg.reads and not msg.writes:
             raise BadRequest("a participant with no keys has no part in the transaction")
         reads = [(*_admit_key(self.state, peer, key), version) for key, version in msg.reads]
-        writes, _ = _admit_txn_writes(self.state, peer, msg.writes)
+        writes, encoded = _admit_txn_writes(self.state, peer, msg.writes)
 
         async def attempt() -> Message:
-            return await self._prepare(msg, participants, reads, writes)
+            return await self._prepare(msg, participants, reads, writes, encoded)
 
         return await _once(self.state, msg.txid, attempt)
 
@@ -189,12 +201,13 @@ class Participant:
         participants: tuple[str, ...],
         reads: list[tuple[int, bytes, int]],
         writes: list[tuple[int, bytes, Any, bool]],
+        encoded: list[bytes | None],
     ) -> Message:
         known = self._finished.get(msg.txid)
         if known is not None:  # a retry of a finished prepare whose reply was lost
             return _reply(*known)
         try:
-            prepared = await self._lock(msg.txid, reads, writes)
+            prepared = await self._lock(msg.txid, reads, writes, encoded)
         except (ServiceError, trio.Cancelled):
             with trio.CancelScope(shield=True):
                 await self._vote_no(msg.txid)
@@ -206,13 +219,19 @@ class Participant:
         return _reply(decision, [write.version for write in prepared.writes])
 
     async def _lock(
-        self, txid: bytes, reads: list[tuple[int, bytes, int]], writes: list[tuple[Any, ...]]
+        self,
+        txid: bytes,
+        reads: list[tuple[int, bytes, int]],
+        writes: list[tuple[Any, ...]],
+        encoded: list[bytes | None],
     ) -> _Prepared:
         state = self.state
         keys = sorted({(slot, data) for slot, data, _ in reads} | {(w[0], w[1]) for w in writes})
         epochs = {slot: await state.wait_serving(slot) for slot in sorted({s for s, _ in keys})}
         self._check_unlocked(keys)
-        await state.pending.wait_clear(keys)
+        pending = state.pending
+        if any(pending.is_pending(slot, data) for slot, data in keys):  # rare: skip the wait
+            await pending.wait_clear(keys)
         self._check_unlocked(keys)  # no await from here to the locking below
         for slot, epoch in epochs.items():
             state.check_slot_servable(slot, epoch)
@@ -223,8 +242,8 @@ class Participant:
                 detail={"keys": [key_from_canonical(data) for data in stale]},
             )
         planned = [
-            DbWrite(slot, data, value, deleted, state.store.next_version(slot, epochs[slot]))
-            for slot, data, value, deleted in writes
+            _Write(slot, data, value, deleted, state.store.next_version(slot, epochs[slot]), cbor)
+            for (slot, data, value, deleted), cbor in zip(writes, encoded, strict=True)
         ]
         before = {(w.slot, w.key): state.store.version_of(w.slot, w.key) for w in planned}
         prepared = _Prepared(txid, keys, planned, before)
@@ -246,11 +265,13 @@ class Participant:
 
     async def _vote(self, prepared: _Prepared, participants: tuple[str, ...], wait_ms: int) -> str:
         """Vote yes and wait for the decision; "" when the db did not answer in time."""
-        vote = DbTxnVote(
+        writes = prepared.writes
+        op = pack_op(prepared.txid, [(w.slot, w.key, w.version, w.encoded) for w in writes])
+        vote = DbTxnVoteOp(
             txid=prepared.txid,
             participants=list(participants),
             grant=self.state.table.grant if prepared.writes else None,
-            writes=prepared.writes,
+            op=codec.encode(op),
             wait_ms=wait_ms,
         )
         timeout_s = (wait_ms + VOTE_MARGIN_MS) / 1000
