@@ -17,11 +17,14 @@ from keyval.messages import (
     DbReadSlot,
     DbSlotPage,
     DbTxnVote,
+    DbTxnVoteOp,
     DbWrite,
+    pack_op,
 )
 from tests.db.conftest import CLIENT, DRONE, OTHER_DRONE, grant_key, make_grant
 from tests.twopc.harness import AUTOJUMP_S, CLOCK_SLACK_S
-from wire.errors import BadRequest, Unauthorized
+from wire import codec
+from wire.errors import BadRequest, TooLarge, Unauthorized
 
 ALL = ((0, 16383, 1),)
 PARTICIPANTS = ["drone-1", "drone-2"]
@@ -169,3 +172,105 @@ async def test_only_drones_decide_and_only_abort(database: Database) -> None:
             await database.handle(CLIENT, request)
     reply = await database.handle(DRONE, DbGetDecision(txid))
     assert isinstance(reply, DbDecision) and reply.decision == ""
+
+
+def vote_op(
+    txid: bytes, grant: object, writes: list[tuple[str, object | None, int]], wait_ms: int = 5000
+) -> DbTxnVoteOp:
+    """A db.txn_vote_op writing (key, value or None for a deletion, version) each."""
+    op = pack_op(
+        txid,
+        [
+            (key_slot(k), canonical_key(k), v, None if value is None else codec.encode(value))
+            for k, value, v in writes
+        ],
+    )
+    return DbTxnVoteOp(txid, PARTICIPANTS, grant, codec.encode(op), wait_ms)  # type: ignore[arg-type]
+
+
+async def test_a_vote_op_commits_with_a_vote_of_the_older_form(database: Database) -> None:
+    key = await grant_key(database)
+    txid = os.urandom(16)
+    decisions: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def first() -> None:
+            decisions.append(await vote(database, txid, "drone-1", "x"))
+
+        nursery.start_soon(first)
+        await trio.sleep(0.1)
+        grant = make_grant(key, ALL, drone="drone-2")
+        msg = vote_op(txid, grant, [("y", {"n": [1, 2]}, 9), ("z", None, 9)])
+        reply = await database.handle(OTHER_DRONE, msg)
+        assert isinstance(reply, DbDecision)
+        decisions.append(reply.decision)
+    assert decisions == ["commit", "commit"]
+    assert await stored(database, "x") == ("drone-1", 7)
+    assert await stored(database, "y") == ({"n": [1, 2]}, 9)
+    assert await stored(database, "z") is None  # a deletion stores no value
+
+
+async def test_a_vote_op_with_no_writes_needs_no_grant(database: Database) -> None:
+    txid = os.urandom(16)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(vote, database, txid, "drone-1", "x")
+        await trio.sleep(0.1)
+        reply = await database.handle(OTHER_DRONE, vote_op(txid, None, []))
+        assert isinstance(reply, DbDecision) and reply.decision == "commit"
+    assert await stored(database, "x") == ("drone-1", 7)
+
+
+def _op_bytes(*items: object) -> bytes:
+    return codec.encode(list(items))
+
+
+TXID = b"t" * 16
+X_SLOT, X_KEY = key_slot("x"), canonical_key("x")
+
+
+@pytest.mark.parametrize(
+    ("op", "error"),
+    [
+        (b"\xff", BadRequest),  # not CBOR
+        (codec.encode({"op": 1}), BadRequest),  # not an array
+        (_op_bytes(), BadRequest),  # no op id
+        (_op_bytes(b"u" * 16, X_SLOT, X_KEY, 7, codec.encode(1)), BadRequest),  # not the txid
+        (_op_bytes(TXID, X_SLOT, X_KEY, 7), BadRequest),  # three items for a write
+        (_op_bytes(TXID, X_SLOT + 1, X_KEY, 7, codec.encode(1)), BadRequest),  # wrong slot
+        (_op_bytes(TXID, X_SLOT, X_KEY, 0, codec.encode(1)), BadRequest),  # version 0
+        (_op_bytes(TXID, X_SLOT, X_KEY, 7, b"\xff"), BadRequest),  # value not CBOR
+        (_op_bytes(TXID, X_SLOT, X_KEY, 7, "text"), BadRequest),  # value not bytes
+        (_op_bytes(TXID, X_SLOT, b"k" * 100_000, 7, codec.encode(1)), TooLarge),
+    ],
+)
+async def test_bad_vote_ops_are_refused(
+    database: Database, op: bytes, error: type[Exception]
+) -> None:
+    grant = make_grant(await grant_key(database), ALL)
+    msg = DbTxnVoteOp(TXID, PARTICIPANTS, grant, op, 1000)
+    with pytest.raises(error):
+        await database.handle(DRONE, msg)
+    reply = await database.handle(DRONE, DbGetDecision(TXID))
+    assert isinstance(reply, DbDecision) and reply.decision == ""  # nothing was counted
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"participants": ["drone-2", "drone-3"]}, BadRequest),
+        ({"grant": None}, BadRequest),
+        ({"forged": True}, Unauthorized),
+    ],
+)
+async def test_vote_ops_are_checked_like_votes(
+    database: Database, change: dict[str, object], error: type[Exception]
+) -> None:
+    change = dict(change)
+    grant = make_grant(await grant_key(database), ALL)
+    if change.pop("forged", False):
+        grant = make_grant(b"k" * 32, ALL)
+    msg = vote_op(TXID, change.get("grant", grant), [("x", 1, 7)], wait_ms=1000)
+    if "participants" in change:
+        msg = DbTxnVoteOp(msg.txid, change["participants"], msg.grant, msg.op, 1000)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        await database.handle(DRONE, msg)
