@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -50,8 +51,10 @@ async def vote(database: Database, txid: bytes, drone: str, key: str, wait_ms: i
     return reply.decision
 
 
-async def test_the_last_vote_commits_every_write_at_once(database: Database) -> None:
-    txid = os.urandom(16)
+async def after_a_first_vote(
+    database: Database, txid: bytes, last: Callable[[], Awaitable[str]]
+) -> list[str]:
+    """drone-1 votes (writing x) in the background; once it waits, `last` votes: both answers."""
     decisions: list[str] = []
     async with trio.open_nursery() as nursery:
 
@@ -61,7 +64,15 @@ async def test_the_last_vote_commits_every_write_at_once(database: Database) -> 
         nursery.start_soon(first)
         await trio.sleep(0.1)
         assert await stored(database, "x") is None  # nothing before every vote is in
-        decisions.append(await vote(database, txid, "drone-2", "y"))
+        decisions.append(await last())
+    return decisions
+
+
+async def test_the_last_vote_commits_every_write_at_once(database: Database) -> None:
+    txid = os.urandom(16)
+    decisions = await after_a_first_vote(
+        database, txid, lambda: vote(database, txid, "drone-2", "y")
+    )
     assert decisions == ["commit", "commit"]
     assert await stored(database, "x") == ("drone-1", 7)
     assert await stored(database, "y") == ("drone-2", 7)
@@ -189,22 +200,16 @@ def vote_op(
 
 
 async def test_a_vote_op_commits_with_a_vote_of_the_older_form(database: Database) -> None:
-    key = await grant_key(database)
+    grant = make_grant(await grant_key(database), ALL, drone="drone-2")
     txid = os.urandom(16)
-    decisions: list[str] = []
-    async with trio.open_nursery() as nursery:
 
-        async def first() -> None:
-            decisions.append(await vote(database, txid, "drone-1", "x"))
-
-        nursery.start_soon(first)
-        await trio.sleep(0.1)
-        grant = make_grant(key, ALL, drone="drone-2")
+    async def last() -> str:
         msg = vote_op(txid, grant, [("y", {"n": [1, 2]}, 9), ("z", None, 9)])
         reply = await database.handle(OTHER_DRONE, msg)
         assert isinstance(reply, DbDecision)
-        decisions.append(reply.decision)
-    assert decisions == ["commit", "commit"]
+        return reply.decision
+
+    assert await after_a_first_vote(database, txid, last) == ["commit", "commit"]
     assert await stored(database, "x") == ("drone-1", 7)
     assert await stored(database, "y") == ({"n": [1, 2]}, 9)
     assert await stored(database, "z") is None  # a deletion stores no value
