@@ -1,7 +1,9 @@
 """The db's side of two-phase commit: collecting votes and recording the decision.
 
-Each participant drone, once it has validated and locked its keys, votes (db.txn_vote) with
-its writes and waits. The `VoteCollector` keeps one ballot per transaction id in memory:
+Each participant drone, once it has validated and locked its keys, votes (db.txn_vote_op:
+its writes as one write-batch op, checked by `vote_writes`; the older db.txn_vote with nested
+writes is still served) and waits. The `VoteCollector` keeps one ballot per transaction id
+in memory:
 
 - the last vote in makes the decision "commit": it is recorded (kv_decisions, first one per
   txid wins) in the same db transaction as every participant's writes, after the fence check

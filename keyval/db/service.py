@@ -451,7 +451,7 @@ class Database:
         """Record `decision` for `txid` unless one exists; return the decision that stands.
 
         A commit decided here carries no writes: the 2PC path decides commit only through
-        votes (db.txn_vote). This entry point is for tests and for aborts."""
+        votes (db.txn_vote_op, db.txn_vote). This entry point is for tests and for aborts."""
         check_txid(txid)
         if decision not in DECISIONS:
             raise BadRequest(f"decision must be one of {', '.join(DECISIONS)}")

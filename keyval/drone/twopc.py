@@ -10,7 +10,7 @@ of its read and write sets. The participant:
    reads or writes: in the lock table here and as pending writes (keyval.drone.pending), so
    compare-and-set and single-drone commits on those keys wait for the outcome. All of this
    with no await in between, as in keyval.drone.writes;
-3. votes yes to the db (db.txn_vote: its writes and the grant covering them) and waits for
+3. votes yes to the db (db.txn_vote_op: its writes and the grant covering them) and waits for
    the decision. The db records a commit together with every participant's writes (so a
    participant that crashes now loses nothing: its slots are reseeded from the db) and
    decides abort when the votes are not all in by the transaction's deadline;
