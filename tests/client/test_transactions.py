@@ -8,11 +8,11 @@ import keyval
 from keyval.client.aio import AsyncClient
 from keyval.client.errors import TooManyConflicts, TransactionFinished
 from keyval.client.txn import AsyncTransaction, Entry, TxnBuffer
-from keyval.keys import canonical_key
+from keyval.keys import canonical_key, key_slot
 from keyval.messages import TxnCommit, TxnPrepare
 from tests.client.fakes import FakeCluster
-from tests.client.test_client import keys_on_each_drone
-from wire.errors import BadRequest, Conflict, TooLarge
+from tests.client.test_client import drone_of, keys_on_each_drone
+from wire.errors import BadRequest, Conflict, TooLarge, Unavailable
 
 
 def commits(cluster: FakeCluster) -> list[TxnCommit]:
@@ -71,6 +71,34 @@ async def test_writes_are_buffered_until_commit(kv: AsyncClient, cluster: FakeCl
     assert sent.reads == [("{t}a", first_version)]
     assert sent.writes == [("{t}a", "put", 11), ("{t}b", "del", None)]
     assert len(tx.versions) == 2
+
+
+async def test_a_one_drone_commit_follows_a_slot_moved_since_the_reads(
+    kv: AsyncClient, cluster: FakeCluster
+) -> None:
+    one, two = keys_on_each_drone(cluster)
+    version = await kv.put(one, 1)
+    async with kv.transaction() as tx:
+        assert await tx.get(one) == 1
+        await tx.put(one, 2)
+        new_owner = cluster.drones[drone_of(cluster, two)].name
+        cluster.move_slot(key_slot(one), new_owner)  # the client's map now names the old owner
+    assert await kv.get(one) == 2
+    first, retried = commits(cluster)  # MOVED at the old owner, committed at the new one
+    assert first.op_id == retried.op_id and first.reads == [(one, version)]
+    assert tx.versions[0] > version
+
+
+async def test_a_one_drone_commit_is_retried_after_unavailable(
+    kv: AsyncClient, cluster: FakeCluster
+) -> None:
+    await kv.put("{u}a", 1)
+    async with kv.transaction() as tx:
+        await tx.put("{u}a", (await tx.get("{u}a")) + 1)
+        cluster.inject(drone_of(cluster, "{u}a"), Unavailable("loading"), count=2)
+    assert await kv.get("{u}a") == 2
+    assert len(commits(cluster)) == 1  # the two refused tries reached no drone's commit
+    assert len(tx.versions) == 1
 
 
 async def test_commit_conflicts_when_a_read_changed(kv: AsyncClient) -> None:
