@@ -30,6 +30,7 @@ from keyval.db.records import (
     SlotFence,
     SlotItem,
     SlotRange,
+    StoredWrite,
     TermRecord,
 )
 from wire import codec
@@ -46,8 +47,9 @@ OP_ID_LOOKUP_CHUNK = 500
 READ_FETCH_ROWS = 64
 
 # Install a key's new state unless the stored row is as new or newer (versions never go back).
+# Parameters in StoredWrite's field order (see SqlBackend._item_rows).
 _UPSERT_ITEM = (
-    "INSERT INTO kv_items (slot, key, value, version, deleted) "
+    "INSERT INTO kv_items (slot, key, value, deleted, version) "
     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (slot, key) DO UPDATE SET "
     "value = excluded.value, version = excluded.version, "
     "deleted = excluded.deleted WHERE kv_items.version < excluded.version"
@@ -84,6 +86,11 @@ class SqlBackend:
     def _connection_broken(self, connection: Any) -> bool:
         """After an error: must the connection be replaced before the next call?"""
         return False
+
+    def _item_rows(self, writes: list[StoredWrite]) -> Sequence[Sequence[Any]]:
+        """Parameters of `_UPSERT_ITEM` for `writes`: the tombstone flag as an integer (a
+        driver that binds a bool as an integer may return `writes` themselves)."""
+        return [(w.slot, w.key, w.value, int(w.deleted), w.version) for w in writes]
 
     # ------------------------------------------------------------ plumbing
 
@@ -265,7 +272,7 @@ class SqlBackend:
         def work(cursor: Any) -> list[OpResult]:
             known = self._stored_results(cursor, list({op.op_id for op in ops}))
             results: list[OpResult] = []
-            item_rows: list[tuple[int, bytes, bytes, int, int]] = []
+            writes: list[StoredWrite] = []
             result_rows: list[tuple[bytes, bytes, int]] = []
             for op in ops:
                 if op.op_id in known:  # a retry: its first result, nothing applied again
@@ -274,20 +281,10 @@ class SqlBackend:
                 result: OpResult = (RESULT_OK, list(op.versions))
                 known[op.op_id] = result
                 results.append(result)
-                result_rows.append((op.op_id, codec.encode(list(result)), now_ms))
-                item_rows.extend(
-                    (w.slot, w.key, w.value, w.version, int(w.deleted)) for w in op.writes
-                )
-            if item_rows:
-                cursor.executemany(
-                    self._sql(
-                        "INSERT INTO kv_items (slot, key, value, version, deleted) "
-                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (slot, key) DO UPDATE SET "
-                        "value = excluded.value, version = excluded.version, "
-                        "deleted = excluded.deleted WHERE kv_items.version < excluded.version"
-                    ),
-                    item_rows,
-                )
+                result_rows.append((op.op_id, codec.encode(result), now_ms))
+                writes.extend(op.writes)
+            if writes:
+                cursor.executemany(self._sql(_UPSERT_ITEM), self._item_rows(writes))
             if result_rows:
                 cursor.executemany(
                     self._sql(
@@ -375,7 +372,7 @@ class SqlBackend:
     ) -> list[str]:
         def work(cursor: Any) -> list[str]:
             standing: list[str] = []
-            item_rows: list[tuple[int, bytes, bytes, int, int]] = []
+            writes: list[StoredWrite] = []
             for record in decisions:
                 cursor.execute(
                     self._sql(
@@ -387,17 +384,14 @@ class SqlBackend:
                 if cursor.rowcount == 1:  # ours is the first decision: it stands
                     standing.append(record.decision)
                     if record.decision == DECISION_COMMIT:
-                        item_rows.extend(
-                            (w.slot, w.key, w.value, w.version, int(w.deleted))
-                            for w in record.writes
-                        )
+                        writes.extend(record.writes)
                     continue
                 cursor.execute(
                     self._sql("SELECT decision FROM kv_decisions WHERE txid = ?"), (record.txid,)
                 )
                 standing.append(str(cursor.fetchone()[0]))
-            if item_rows:
-                cursor.executemany(self._sql(_UPSERT_ITEM), item_rows)
+            if writes:
+                cursor.executemany(self._sql(_UPSERT_ITEM), self._item_rows(writes))
             self._write_fences(cursor, fences)
             return standing
 
