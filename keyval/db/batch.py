@@ -106,36 +106,43 @@ def prepare_op(index: int, op: Any, *, values_checked: bool = False) -> Prepared
 def _write(
     index: int, number: int, slot: Any, key: Any, version: Any, value: Any, check_value: bool
 ) -> StoredWrite:
-    where = f"op {index} write {number}"
     if type(key) is not bytes:
-        raise BadRequest(f"{where}: key must be bytes, got {_kind(key)}")
+        raise BadRequest(f"op {index} write {number}: key must be bytes, got {_kind(key)}")
     if len(key) > DEFAULT_MAX_KEY_BYTES:
-        raise TooLarge(f"{where}: key of {len(key)} bytes, limit {DEFAULT_MAX_KEY_BYTES}")
+        raise TooLarge(
+            f"op {index} write {number}: key of {len(key)} bytes, limit {DEFAULT_MAX_KEY_BYTES}"
+        )
     if type(slot) is not int:
-        raise BadRequest(f"{where}: slot must be an int, got {_kind(slot)}")
+        raise BadRequest(f"op {index} write {number}: slot must be an int, got {_kind(slot)}")
     try:
         hashed = canonical_slot(key)
     except BadRequest as error:
-        raise BadRequest(f"{where}: key: {error.message}") from None
+        raise BadRequest(f"op {index} write {number}: key: {error.message}") from None
     if slot != hashed:
-        raise BadRequest(f"{where}: key {key!r} does not hash to slot {slot}")
+        raise BadRequest(f"op {index} write {number}: key {key!r} does not hash to slot {slot}")
     if value is None:
         deleted, lowest = True, 0
     elif type(value) is not bytes or not value:
-        raise BadRequest(f"{where}: value must be CBOR bytes or null, got {_kind(value)}")
+        raise BadRequest(
+            f"op {index} write {number}: value must be CBOR bytes or null, got {_kind(value)}"
+        )
     elif len(value) > DEFAULT_MAX_VALUE_BYTES:
-        raise TooLarge(f"{where}: value of {len(value)} bytes, limit {DEFAULT_MAX_VALUE_BYTES}")
+        raise TooLarge(
+            f"op {index} write {number}: value of {len(value)} bytes, "
+            f"limit {DEFAULT_MAX_VALUE_BYTES}"
+        )
     else:
-        if (
-            check_value
-        ):  # one CBOR item keyval's codec accepts: a reseed must never meet a bad value
+        # One CBOR item keyval's codec accepts: a reseed must never meet a bad value.
+        if check_value:
             try:
                 codec.check_each((value,))
             except DecodeError as error:
-                raise BadRequest(f"{where}: value is not valid CBOR ({error.message})") from None
+                raise BadRequest(
+                    f"op {index} write {number}: value is not valid CBOR ({error.message})"
+                ) from None
         deleted, lowest = False, 1
     if type(version) is not int or not lowest <= version <= MAX_STORED_VERSION:
-        raise BadRequest(f"{where}: bad version {version!r} for key {key!r}")
+        raise BadRequest(f"op {index} write {number}: bad version {version!r} for key {key!r}")
     return StoredWrite(slot, key, b"" if deleted else value, deleted, version)
 
 

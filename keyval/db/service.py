@@ -289,18 +289,19 @@ class Database:
         async with self._order:
             results: list[OpResult | None] = []
             admitted: list[PreparedOp] = []
-            # slot -> the grant last admitted for it in this batch. Admitting that same grant
-            # again changes nothing (the fence already stands at its term and epoch), so a
-            # batch checks each (grant, slot) pair once, not once per write. Any other grant
-            # admitted for the slot replaces the entry, so a fence it raised is checked again.
-            fenced: dict[int, Grant] = {}
+            # slot -> the grants (of one request) whose grant for it was last admitted in this
+            # batch. Admitting that same grant again changes nothing (the fence already stands
+            # at its term and epoch), so a batch checks each (request, slot) pair once, not
+            # once per write. Another request's grant admitted for the slot replaces the
+            # entry, so a fence it raised is checked again.
+            fenced: dict[int, _GrantSet] = {}
             for item in pending:
+                grants = item.grants
                 try:
                     for write in item.op.writes:
-                        grant = item.grants.grant_for(write.slot)
-                        if fenced.get(write.slot) is not grant:
-                            self._fences.admit(grant, write.slot)
-                            fenced[write.slot] = grant
+                        if fenced.get(write.slot) is not grants:
+                            self._fences.admit(grants.grant_for(write.slot), write.slot)
+                            fenced[write.slot] = grants
                     admitted.append(item.op)
                     results.append(None)
                 except ServiceError as error:
