@@ -19,6 +19,11 @@ from wire.messages import Message, message
 NUM_SLOTS = 16384
 GRANT_KEY_BYTES = 32
 
+# Distinct grants a GrantVerifier remembers as verified. A drone carries its one current grant
+# on every request until the map changes, so a cluster needs a few per drone; past this bound
+# the oldest is forgotten (and verified again with its HMAC when it comes back).
+MAX_VERIFIED_GRANTS = 256
+
 
 @message("grant")
 class Grant(Message):
@@ -81,8 +86,53 @@ def verify_grant(grant: Grant, key: bytes, *, drone: str) -> None:
     expected = hmac.new(key, grant.signed_bytes(), hashlib.sha256).digest()
     if not hmac.compare_digest(expected, grant.mac):
         raise Unauthorized("grant MAC does not verify: forged or altered grant")
+    check_grant_drone(grant, drone)
+
+
+def check_grant_drone(grant: Grant, drone: str) -> None:
+    """Raise Unauthorized unless `grant` names `drone` (the peer presenting it)."""
     if grant.drone != drone:
         raise Unauthorized(f"grant is for drone {grant.drone!r}, presented by {drone!r}")
+
+
+class GrantVerifier:
+    """`verify_grant` under one key, remembering the grants that verified.
+
+    A drone sends the same grant bytes with every batch until the slot map changes; the HMAC
+    over its canonical encoding is computed once per distinct grant, not once per batch. A
+    grant counts as verified only if it equals, field by field (MAC included), one that passed
+    `verify_grant` under the current key; the drone it names is checked on every call. A new
+    key (`set_key`) forgets every grant. Only the MAC is cached: fencing (term and epoch
+    against the slot's fence) stays the caller's, on every request.
+    """
+
+    def __init__(self, key: bytes = b"") -> None:
+        self._key = key
+        self._verified: dict[bytes, Grant] = {}  # MAC -> the grant it verified, oldest first
+
+    @property
+    def key(self) -> bytes:
+        return self._key
+
+    def set_key(self, key: bytes) -> None:
+        """Verify under `key` from now on; grants verified under another key are forgotten."""
+        if key != self._key:
+            self._verified.clear()
+        self._key = key
+
+    def verify(self, grant: Grant, *, drone: str) -> None:
+        """Raise Unauthorized unless `grant` was made with the key and names `drone`."""
+        known = self._verified.get(grant.mac)
+        if known is None or known != grant:
+            verify_grant(grant, self._key, drone=drone)
+            if len(self._verified) >= MAX_VERIFIED_GRANTS:
+                del self._verified[next(iter(self._verified))]
+            self._verified[grant.mac] = grant
+        else:
+            check_grant_drone(grant, drone)
+
+    def __len__(self) -> int:
+        return len(self._verified)
 
 
 def check_fence(grant: Grant, slot: int, fence_term: int, fence_epoch: int) -> int:

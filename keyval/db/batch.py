@@ -4,7 +4,8 @@ The batch's `ops` bytes decode (one C decode) to an array of ops, each
 `[op_id, slot, key, version, value, ...]` (keyval.messages.pack_op). Checking these flat
 arrays directly costs a fraction of building a message object per op and per write. Values
 stay the CBOR bytes the drone sent: the db checks each is one valid CBOR item (cbor2's C
-decoder, no value object kept) and stores the bytes as they are. Every
+decoder, no value object kept; one decoder pass for the whole batch, see `prepare_ops`) and
+stores the bytes as they are. Every
 malformed case is a typed error naming the op (and write) and the field: the whole request's
 for a batch that is not an array of ops, the op's own for anything inside one op.
 """
@@ -17,7 +18,7 @@ from keyval.db.records import PreparedOp, StoredWrite
 from keyval.keys import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, canonical_slot
 from keyval.messages import WIRE_WRITE_ITEMS
 from wire import codec
-from wire.errors import BadRequest, DecodeError, TooLarge
+from wire.errors import BadRequest, DecodeError, ServiceError, TooLarge
 
 # Client-chosen operation ids are 16 random bytes: collisions are out of reach (2**-64 after
 # 2**32 ops) and a fixed size keeps the op-result table's index small.
@@ -46,8 +47,42 @@ def decode_ops(data: bytes) -> list[Any]:
     return ops
 
 
-def prepare_op(index: int, op: Any) -> PreparedOp:
-    """Op `index` of a batch, checked: BadRequest/TooLarge naming the op, write and field."""
+def prepare_ops(ops: list[Any]) -> list[PreparedOp | ServiceError]:
+    """Every op of a batch, checked: its PreparedOp, or the error refusing it (that op only).
+
+    The values are checked as CBOR first all together, in one decoder pass (`_values_valid`);
+    only when that pass finds a bad one is each value checked on its own, so that the error
+    goes to the op that carried it and the batch's other ops still go through."""
+    values_checked = _values_valid(ops)
+    prepared: list[PreparedOp | ServiceError] = []
+    for index, op in enumerate(ops):
+        try:
+            prepared.append(prepare_op(index, op, values_checked=values_checked))
+        except ServiceError as error:
+            prepared.append(error)
+    return prepared
+
+
+def _values_valid(ops: list[Any]) -> bool:
+    """True when every value `prepare_op` would check as CBOR (non-empty bytes within the size
+    limit, at a value position of an op array) is one valid item, checked in one pass."""
+    values = [
+        value
+        for op in ops
+        if type(op) is list
+        for value in op[WIRE_WRITE_ITEMS::WIRE_WRITE_ITEMS]
+        if type(value) is bytes and 0 < len(value) <= DEFAULT_MAX_VALUE_BYTES
+    ]
+    try:
+        codec.check_each(values)
+    except DecodeError:
+        return False
+    return True
+
+
+def prepare_op(index: int, op: Any, *, values_checked: bool = False) -> PreparedOp:
+    """Op `index` of a batch, checked: BadRequest/TooLarge naming the op, write and field.
+    `values_checked`: the caller has checked every value as CBOR already (`_values_valid`)."""
     if type(op) is not list:
         raise BadRequest(f"op {index}: expected an array, got {_kind(op)}")
     count, extra = divmod(len(op) - 1, WIRE_WRITE_ITEMS)
@@ -63,38 +98,51 @@ def prepare_op(index: int, op: Any) -> PreparedOp:
     writes = []
     for number in range(count):
         base = 1 + number * WIRE_WRITE_ITEMS
-        writes.append(_write(index, number, op[base], op[base + 1], op[base + 2], op[base + 3]))
+        slot, key, version, value = op[base], op[base + 1], op[base + 2], op[base + 3]
+        writes.append(_write(index, number, slot, key, version, value, not values_checked))
     return PreparedOp(op_id, tuple(writes), tuple(write.version for write in writes))
 
 
-def _write(index: int, number: int, slot: Any, key: Any, version: Any, value: Any) -> StoredWrite:
-    where = f"op {index} write {number}"
+def _write(
+    index: int, number: int, slot: Any, key: Any, version: Any, value: Any, check_value: bool
+) -> StoredWrite:
     if type(key) is not bytes:
-        raise BadRequest(f"{where}: key must be bytes, got {_kind(key)}")
+        raise BadRequest(f"op {index} write {number}: key must be bytes, got {_kind(key)}")
     if len(key) > DEFAULT_MAX_KEY_BYTES:
-        raise TooLarge(f"{where}: key of {len(key)} bytes, limit {DEFAULT_MAX_KEY_BYTES}")
+        raise TooLarge(
+            f"op {index} write {number}: key of {len(key)} bytes, limit {DEFAULT_MAX_KEY_BYTES}"
+        )
     if type(slot) is not int:
-        raise BadRequest(f"{where}: slot must be an int, got {_kind(slot)}")
+        raise BadRequest(f"op {index} write {number}: slot must be an int, got {_kind(slot)}")
     try:
         hashed = canonical_slot(key)
     except BadRequest as error:
-        raise BadRequest(f"{where}: key: {error.message}") from None
+        raise BadRequest(f"op {index} write {number}: key: {error.message}") from None
     if slot != hashed:
-        raise BadRequest(f"{where}: key {key!r} does not hash to slot {slot}")
+        raise BadRequest(f"op {index} write {number}: key {key!r} does not hash to slot {slot}")
     if value is None:
         deleted, lowest = True, 0
     elif type(value) is not bytes or not value:
-        raise BadRequest(f"{where}: value must be CBOR bytes or null, got {_kind(value)}")
+        raise BadRequest(
+            f"op {index} write {number}: value must be CBOR bytes or null, got {_kind(value)}"
+        )
     elif len(value) > DEFAULT_MAX_VALUE_BYTES:
-        raise TooLarge(f"{where}: value of {len(value)} bytes, limit {DEFAULT_MAX_VALUE_BYTES}")
+        raise TooLarge(
+            f"op {index} write {number}: value of {len(value)} bytes, "
+            f"limit {DEFAULT_MAX_VALUE_BYTES}"
+        )
     else:
-        try:  # one CBOR item keyval's codec accepts: a reseed must never meet a bad value
-            codec.check_each((value,))
-        except DecodeError as error:
-            raise BadRequest(f"{where}: value is not valid CBOR ({error.message})") from None
+        # One CBOR item keyval's codec accepts: a reseed must never meet a bad value.
+        if check_value:
+            try:
+                codec.check_each((value,))
+            except DecodeError as error:
+                raise BadRequest(
+                    f"op {index} write {number}: value is not valid CBOR ({error.message})"
+                ) from None
         deleted, lowest = False, 1
     if type(version) is not int or not lowest <= version <= MAX_STORED_VERSION:
-        raise BadRequest(f"{where}: bad version {version!r} for key {key!r}")
+        raise BadRequest(f"op {index} write {number}: bad version {version!r} for key {key!r}")
     return StoredWrite(slot, key, b"" if deleted else value, deleted, version)
 
 

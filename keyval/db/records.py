@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # Result of one op as DbBatchResult carries it: ("ok", [versions]) or (error code, message).
 OpResult = tuple[str, Any]
@@ -18,9 +18,11 @@ DECISIONS = (DECISION_COMMIT, DECISION_ABORT)
 MapRange = tuple[int, int, str, int]
 
 
-@dataclass(frozen=True, slots=True)
-class StoredWrite:
-    """One key's new state. `value` is CBOR bytes, empty for a delete."""
+class StoredWrite(NamedTuple):
+    """One key's new state. `value` is CBOR bytes, empty for a delete.
+
+    A tuple (the write path makes one per write: a tuple costs a third of a frozen dataclass
+    to build), in the column order of the SQL upsert, so SQLite stores it as it is."""
 
     slot: int
     key: bytes
@@ -29,8 +31,7 @@ class StoredWrite:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedOp:
+class PreparedOp(NamedTuple):
     """One client operation that passed validation and fencing: written all together."""
 
     op_id: bytes

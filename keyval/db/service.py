@@ -14,13 +14,13 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import trio
 
 from auth.roles import require_role
 from keyval.db.backend import Backend, StorageError
-from keyval.db.batch import MAX_WRITES_PER_OP, decode_ops, prepare_op
+from keyval.db.batch import MAX_WRITES_PER_OP, decode_ops, prepare_ops
 from keyval.db.committer import CommitterStatistics, GroupCommitter
 from keyval.db.decisions import Vote, VoteCollector, check_participants, vote_writes
 from keyval.db.fences import FenceTable
@@ -36,7 +36,7 @@ from keyval.db.records import (
     StoredWrite,
 )
 from keyval.db.worker import BackendThread
-from keyval.grants import GRANT_KEY_BYTES, Grant, check_ranges, verify_grant
+from keyval.grants import GRANT_KEY_BYTES, Grant, GrantVerifier, check_ranges
 from keyval.keys import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, NUM_SLOTS, canonical_slot
 from keyval.messages import (
     DbBatchResult,
@@ -149,8 +149,7 @@ class _PendingDecision:
     fences: tuple[tuple[Grant, int], ...]
 
 
-@dataclass(frozen=True)
-class _PendingOp:
+class _PendingOp(NamedTuple):
     """A validated op waiting for the committer: fence checks happen at commit time."""
 
     grants: _GrantSet
@@ -185,7 +184,7 @@ class Database:
             max_pending=MAX_PENDING_SUBMISSIONS,
         )
         self._collector = VoteCollector(self._record_decision)
-        self._grant_key = b""
+        self._grants = GrantVerifier()  # the grant key, and the grants it verified
         self._fences = FenceTable()
         self._routes: dict[type[Message], tuple[str, Callable[[PeerInfo, Any], Awaitable[Message]]]]
         self._routes = {
@@ -215,7 +214,7 @@ class Database:
         key = await self._call(self.backend.ensure_grant_key, secrets.token_bytes(GRANT_KEY_BYTES))
         if len(key) != GRANT_KEY_BYTES:
             raise StorageError(f"stored grant key has {len(key)} bytes, not {GRANT_KEY_BYTES}")
-        self._grant_key = key
+        self._grants.set_key(key)
         self._fences = FenceTable(await self._call(self.backend.load_fences))
 
     async def aclose(self) -> None:
@@ -265,25 +264,23 @@ class Database:
     async def _write_batch(self, peer: PeerInfo, request: DbWriteBatch) -> DbBatchResult:
         if len(request.grants) > MAX_GRANTS_PER_REQUEST:
             raise TooLarge(f"{len(request.grants)} grants, limit {MAX_GRANTS_PER_REQUEST}")
-        ops = decode_ops(request.ops)
+        prepared = prepare_ops(decode_ops(request.ops))
         grants = self._verify_grants(request.grants, peer.name)
-        results: list[OpResult | None] = []
-        pending: list[_PendingOp] = []
-        for index, op in enumerate(ops):
-            try:
-                pending.append(_PendingOp(grants, prepare_op(index, op)))
-                results.append(None)
-            except ServiceError as error:
-                results.append(error_result(error))
+        pending = [_PendingOp(grants, op) for op in prepared if isinstance(op, PreparedOp)]
         committed = iter(await self._committer.submit(pending) if pending else [])
-        return DbBatchResult([next(committed) if r is None else r for r in results])
+        return DbBatchResult(
+            [
+                error_result(op) if isinstance(op, ServiceError) else next(committed)
+                for op in prepared
+            ]
+        )
 
     def _verify_grants(self, grants: Sequence[Grant], drone: str) -> _GrantSet:
         valid: list[Grant] = []
         refused: list[tuple[Grant, Unauthorized]] = []
         for grant in grants:
             try:
-                verify_grant(grant, self._grant_key, drone=drone)
+                self._grants.verify(grant, drone=drone)
                 valid.append(grant)
             except Unauthorized as error:
                 refused.append((grant, error))
@@ -294,18 +291,19 @@ class Database:
         async with self._order:
             results: list[OpResult | None] = []
             admitted: list[PreparedOp] = []
-            # slot -> the grant last admitted for it in this batch. Admitting that same grant
-            # again changes nothing (the fence already stands at its term and epoch), so a
-            # batch checks each (grant, slot) pair once, not once per write. Any other grant
-            # admitted for the slot replaces the entry, so a fence it raised is checked again.
-            fenced: dict[int, Grant] = {}
+            # slot -> the grants (of one request) whose grant for it was last admitted in this
+            # batch. Admitting that same grant again changes nothing (the fence already stands
+            # at its term and epoch), so a batch checks each (request, slot) pair once, not
+            # once per write. Another request's grant admitted for the slot replaces the
+            # entry, so a fence it raised is checked again.
+            fenced: dict[int, _GrantSet] = {}
             for item in pending:
+                grants = item.grants
                 try:
                     for write in item.op.writes:
-                        grant = item.grants.grant_for(write.slot)
-                        if fenced.get(write.slot) is not grant:
-                            self._fences.admit(grant, write.slot)
-                            fenced[write.slot] = grant
+                        if fenced.get(write.slot) is not grants:
+                            self._fences.admit(grants.grant_for(write.slot), write.slot)
+                            fenced[write.slot] = grants
                     admitted.append(item.op)
                     results.append(None)
                 except ServiceError as error:
@@ -337,7 +335,7 @@ class Database:
             raise BadRequest(f"limit {request.limit} outside 1..{MAX_SLOT_PAGE_ITEMS}")
         if request.after is not None and len(request.after) > DEFAULT_MAX_KEY_BYTES:
             raise BadRequest("'after' is longer than any key")
-        verify_grant(request.grant, self._grant_key, drone=peer.name)
+        self._grants.verify(request.grant, drone=peer.name)
         async with self._order:
             self._fences.admit(request.grant, request.slot)
             fences = self._fences.take_pending()
@@ -365,7 +363,7 @@ class Database:
         if request.limit_bytes < 1:
             raise BadRequest(f"limit_bytes must be positive, not {request.limit_bytes}")
         max_bytes = min(request.limit_bytes, SLOT_PAGE_MAX_BYTES)
-        verify_grant(request.grant, self._grant_key, drone=peer.name)
+        self._grants.verify(request.grant, drone=peer.name)
         # Only the slots still to be read are fenced: those before the resume point were
         # fenced by the pages that read them.
         start = first if after is None else after[0]
@@ -443,7 +441,7 @@ class Database:
 
     async def _grant_key_reply(self, peer: PeerInfo, request: DbGrantKey) -> DbGrantKeyReply:
         logger.info("handing the grant key to commander %r", peer.name)
-        return DbGrantKeyReply(self._grant_key)
+        return DbGrantKeyReply(self._grants.key)
 
     # ------------------------------------------------------------ 2PC decisions
 
@@ -480,7 +478,7 @@ class Database:
         if writes:
             if request.grant is None:
                 raise BadRequest("a vote with writes needs the grant covering their slots")
-            verify_grant(request.grant, self._grant_key, drone=peer.name)
+            self._grants.verify(request.grant, drone=peer.name)
         vote = Vote(request.grant, writes)
         decision = await self._collector.vote(peer.name, txid, participants, vote, request.wait_ms)
         return DbDecision(decision)

@@ -30,6 +30,7 @@ from keyval.db.records import (
     SlotFence,
     SlotItem,
     SlotRange,
+    StoredWrite,
     TermRecord,
 )
 from wire import codec
@@ -46,16 +47,27 @@ OP_ID_LOOKUP_CHUNK = 500
 READ_FETCH_ROWS = 64
 
 # Install a key's new state unless the stored row is as new or newer (versions never go back).
+# Parameters in StoredWrite's field order (see SqlBackend._item_rows).
 _UPSERT_ITEM = (
-    "INSERT INTO kv_items (slot, key, value, version, deleted) "
+    "INSERT INTO kv_items (slot, key, value, deleted, version) "
     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (slot, key) DO UPDATE SET "
     "value = excluded.value, version = excluded.version, "
     "deleted = excluded.deleted WHERE kv_items.version < excluded.version"
 )
 
+# Record an op's first result; an op id already stored keeps its result (counted as no row).
+_INSERT_RESULT_UNLESS_STORED = (
+    "INSERT INTO kv_op_results (op_id, result, committed_ms) VALUES (?, ?, ?) "
+    "ON CONFLICT (op_id) DO NOTHING"
+)
+
 _META_GRANT_KEY = "grant_key"
 _META_TERM = "term"
 _META_MAP = "map"
+
+
+class _RetriedOp(Exception):
+    """A batch holds an op id with a stored result: roll back, take the retry path."""
 
 
 class SqlBackend:
@@ -84,6 +96,11 @@ class SqlBackend:
     def _connection_broken(self, connection: Any) -> bool:
         """After an error: must the connection be replaced before the next call?"""
         return False
+
+    def _item_rows(self, writes: list[StoredWrite]) -> Sequence[Sequence[Any]]:
+        """Parameters of `_UPSERT_ITEM` for `writes`: the tombstone flag as an integer (a
+        driver that binds a bool as an integer may return `writes` themselves)."""
+        return [(w.slot, w.key, w.value, int(w.deleted), w.version) for w in writes]
 
     # ------------------------------------------------------------ plumbing
 
@@ -262,43 +279,61 @@ class SqlBackend:
     def commit_batch(
         self, ops: Sequence[PreparedOp], fences: Sequence[SlotFence], now_ms: int
     ) -> list[OpResult]:
-        def work(cursor: Any) -> list[OpResult]:
-            known = self._stored_results(cursor, list({op.op_id for op in ops}))
-            results: list[OpResult] = []
-            item_rows: list[tuple[int, bytes, bytes, int, int]] = []
-            result_rows: list[tuple[bytes, bytes, int]] = []
-            for op in ops:
-                if op.op_id in known:  # a retry: its first result, nothing applied again
-                    results.append(known[op.op_id])
-                    continue
-                result: OpResult = (RESULT_OK, list(op.versions))
-                known[op.op_id] = result
-                results.append(result)
-                result_rows.append((op.op_id, codec.encode(list(result)), now_ms))
-                item_rows.extend(
-                    (w.slot, w.key, w.value, w.version, int(w.deleted)) for w in op.writes
+        if ops:
+            try:
+                return self._run(
+                    "write", lambda cursor: self._commit_new(cursor, ops, fences, now_ms)
                 )
-            if item_rows:
-                cursor.executemany(
-                    self._sql(
-                        "INSERT INTO kv_items (slot, key, value, version, deleted) "
-                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (slot, key) DO UPDATE SET "
-                        "value = excluded.value, version = excluded.version, "
-                        "deleted = excluded.deleted WHERE kv_items.version < excluded.version"
-                    ),
-                    item_rows,
-                )
-            if result_rows:
-                cursor.executemany(
-                    self._sql(
-                        "INSERT INTO kv_op_results (op_id, result, committed_ms) VALUES (?, ?, ?)"
-                    ),
-                    result_rows,
-                )
-            self._write_fences(cursor, fences)
-            return results
+            except _RetriedOp:
+                pass  # rolled back: do the batch again, looking up the stored results first
+        return self._run("write", lambda cursor: self._commit_retries(cursor, ops, fences, now_ms))
 
-        return self._run("write", work)
+    def _commit_new(
+        self, cursor: Any, ops: Sequence[PreparedOp], fences: Sequence[SlotFence], now_ms: int
+    ) -> list[OpResult]:
+        """The common case, where no op of the batch has a stored result: record every op's
+        result first (skipping an op id already stored) and raise _RetriedOp, rolling the
+        transaction back, if fewer results went in than there are ops; otherwise apply every
+        op. One statement fewer than looking the op ids up first."""
+        results: list[OpResult] = [(RESULT_OK, list(op.versions)) for op in ops]
+        cursor.executemany(
+            self._sql(_INSERT_RESULT_UNLESS_STORED),
+            [
+                (op.op_id, codec.encode(result), now_ms)
+                for op, result in zip(ops, results, strict=True)
+            ],
+        )
+        if cursor.rowcount != len(ops):  # a retry, or one op id twice in the batch
+            raise _RetriedOp
+        writes = [write for op in ops for write in op.writes]
+        if writes:
+            cursor.executemany(self._sql(_UPSERT_ITEM), self._item_rows(writes))
+        self._write_fences(cursor, fences)
+        return results
+
+    def _commit_retries(
+        self, cursor: Any, ops: Sequence[PreparedOp], fences: Sequence[SlotFence], now_ms: int
+    ) -> list[OpResult]:
+        """A batch with retried ops: each answers its first result and applies nothing."""
+        known = self._stored_results(cursor, list({op.op_id for op in ops}))
+        results: list[OpResult] = []
+        writes: list[StoredWrite] = []
+        result_rows: list[tuple[bytes, bytes, int]] = []
+        for op in ops:
+            if op.op_id in known:  # a retry: its first result, nothing applied again
+                results.append(known[op.op_id])
+                continue
+            result: OpResult = (RESULT_OK, list(op.versions))
+            known[op.op_id] = result
+            results.append(result)
+            result_rows.append((op.op_id, codec.encode(result), now_ms))
+            writes.extend(op.writes)
+        if writes:
+            cursor.executemany(self._sql(_UPSERT_ITEM), self._item_rows(writes))
+        if result_rows:
+            cursor.executemany(self._sql(_INSERT_RESULT_UNLESS_STORED), result_rows)
+        self._write_fences(cursor, fences)
+        return results
 
     def read_slot(
         self, slot: int, after: bytes | None, limit: int, max_bytes: int
@@ -375,7 +410,7 @@ class SqlBackend:
     ) -> list[str]:
         def work(cursor: Any) -> list[str]:
             standing: list[str] = []
-            item_rows: list[tuple[int, bytes, bytes, int, int]] = []
+            writes: list[StoredWrite] = []
             for record in decisions:
                 cursor.execute(
                     self._sql(
@@ -387,17 +422,14 @@ class SqlBackend:
                 if cursor.rowcount == 1:  # ours is the first decision: it stands
                     standing.append(record.decision)
                     if record.decision == DECISION_COMMIT:
-                        item_rows.extend(
-                            (w.slot, w.key, w.value, w.version, int(w.deleted))
-                            for w in record.writes
-                        )
+                        writes.extend(record.writes)
                     continue
                 cursor.execute(
                     self._sql("SELECT decision FROM kv_decisions WHERE txid = ?"), (record.txid,)
                 )
                 standing.append(str(cursor.fetchone()[0]))
-            if item_rows:
-                cursor.executemany(self._sql(_UPSERT_ITEM), item_rows)
+            if writes:
+                cursor.executemany(self._sql(_UPSERT_ITEM), self._item_rows(writes))
             self._write_fences(cursor, fences)
             return standing
 

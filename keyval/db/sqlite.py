@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from keyval.db.backend import StorageError
+from keyval.db.records import StoredWrite
 from keyval.db.sql import SqlBackend
 
 # How long a statement waits for another process's lock before failing (one db daemon owns
@@ -45,6 +46,9 @@ class SqliteBackend(SqlBackend):
             connection.close()
             raise
         return connection
+
+    def _item_rows(self, writes: list[StoredWrite]) -> list[StoredWrite]:
+        return writes  # tuples in the statement's order; sqlite3 binds a bool as 0 or 1
 
     @contextlib.contextmanager
     def _transaction(self, connection: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:

@@ -87,6 +87,21 @@ def test_commit_applies_and_answers_retries_with_the_first_result(backend: Backe
     assert values_of(backend, key_slot("b"))[canonical_key("b")] == ("bee", 8)
 
 
+def test_a_batch_with_a_retry_stores_its_new_ops_and_fences_once(backend: Backend) -> None:
+    """A retried op id sends the batch down the lookup path (after the first attempt rolled
+    back): the new ops and the fences are stored exactly once, the retry applies nothing."""
+    backend.commit_batch([put("a", "one", 1, b"1" * 16)], [], 1000)
+    fence = SlotFence(7, 2, 3)
+    results = backend.commit_batch(
+        [put("b", "new", 4, b"2" * 16), put("a", "again", 5, b"1" * 16)], [fence], 2000
+    )
+    assert results == [("ok", [4]), ("ok", [1])]
+    assert values_of(backend, key_slot("a"))[canonical_key("a")] == ("one", 1)
+    assert values_of(backend, key_slot("b"))[canonical_key("b")] == ("new", 4)
+    assert fence in backend.load_fences()
+    assert backend.purge_op_results(3000) == 2  # one stored result per op id
+
+
 def test_versions_never_go_back(backend: Backend) -> None:
     slot = key_slot("k")
     backend.commit_batch([put("k", "new", 10, b"a" * 16), put("k", "old", 5, b"b" * 16)], [], 1)

@@ -385,3 +385,45 @@ async def test_restart_keeps_everything_acknowledged(make_backend: Callable[[], 
         assert await write(second, [grant], [op("k1", 0, 77, op_id(1))]) == [("ok", [2])]
         nursery.cancel_scope.cancel()
     await second.aclose()
+
+
+async def test_bad_values_are_found_when_the_batch_joined_is_valid_cbor(
+    database: Database,
+) -> None:
+    """The batch's values are checked in one decoder pass: two bad values that read as one
+    item when joined (a truncated array and its missing item) are still each refused."""
+    grant = make_grant(await grant_key(database), ALL)
+    slot_b, key_b = key_slot("b"), canonical_key("b")
+    ops = [
+        write_op(1, SLOT_A, KEY_A, 1, b"\x82\x01"),
+        write_op(2, slot_b, key_b, 1, b"\x02"),
+        op("c", 1, 1, op_id(3)),
+    ]
+    results = await write(database, [grant], ops)
+    assert [code for code, _ in results] == ["BAD_REQUEST", "ok", "ok"]
+    assert results[0][1].startswith("op 0 write 0: value is not valid CBOR")
+    assert await read_all(database, grant, slot_b) == {key_b: (2, 1)}
+
+
+async def test_a_remembered_grant_is_still_fenced_by_a_newer_epoch_and_term(
+    database: Database,
+) -> None:
+    """Grants are MAC-checked once (keyval.grants.GrantVerifier); fencing stays per batch."""
+    key = await grant_key(database)
+    slot = key_slot("a")
+    old = make_grant(key, ((slot, slot, 1),))
+    assert (await write(database, [old], [op("a", 1, 1, op_id(1))]))[0][0] == "ok"
+    newer_epoch = make_grant(key, ((slot, slot, 2),), drone="drone-2")
+    assert (await write(database, [newer_epoch], [op("a", 2, 2, op_id(2))], OTHER_DRONE)) == [
+        ("ok", [2])
+    ]
+    [result] = await write(database, [old], [op("a", 3, 3, op_id(3))])
+    assert result[0] == "FENCED"
+    newer_term = make_grant(key, ((slot, slot, 2),), drone="drone-2", term=2)
+    assert (await write(database, [newer_term], [op("a", 4, 4, op_id(4))], OTHER_DRONE)) == [
+        ("ok", [4])
+    ]
+    [result] = await write(database, [newer_epoch], [op("a", 5, 5, op_id(5))], OTHER_DRONE)
+    assert result[0] == "FENCED"
+    [result] = await write(database, [newer_term], [op("a", 6, 6, op_id(6))])
+    assert result[0] == "UNAUTHORIZED"  # a remembered grant is still checked against its drone
