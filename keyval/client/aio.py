@@ -105,9 +105,9 @@ class AsyncClient:
     def _ack(self, ack: str | None) -> str:
         return self.ack if ack is None else admit_ack(ack)
 
-    async def _call(self, key: Key, msg: Message) -> Message:
+    async def _call(self, slot: int, msg: Message) -> Message:
         self._check_open()
-        return await self._router.call(key_slot(key), msg)
+        return await self._router.call(slot, msg)
 
     # ------------------------------------------------------------------ reads
 
@@ -278,16 +278,16 @@ class AsyncClient:
 
     async def put(self, key: Key, value: Any, *, ack: str | None = None) -> int:
         """Store `value`; returns the new version."""
-        admit_key(key)
+        slot = check_key_slot(key)[1]
         admit_value(value)
         msg = Put(key=key, value=value, op_id=os.urandom(OP_ID_BYTES), ack=self._ack(ack))
-        return _expect(await self._call(key, msg), Written).version
+        return _expect(await self._call(slot, msg), Written).version
 
     async def delete(self, key: Key, *, ack: str | None = None) -> bool:
         """Remove `key`; True if it existed."""
-        admit_key(key)
+        slot = check_key_slot(key)[1]
         msg = Delete(key=key, op_id=os.urandom(OP_ID_BYTES), ack=self._ack(ack))
-        return _expect(await self._call(key, msg), Written).existed
+        return _expect(await self._call(slot, msg), Written).existed
 
     async def cas(
         self,
@@ -301,7 +301,7 @@ class AsyncClient:
         """Write `value` (or delete, with delete=True) only if the key's version is
         `expected_version` (0: the key must be absent). Returns the new version; raises
         Conflict if the version differs."""
-        admit_key(key)
+        slot = check_key_slot(key)[1]
         admit_version(expected_version)
         if not delete:
             admit_value(value)
@@ -313,7 +313,7 @@ class AsyncClient:
             delete=delete,
             ack=self._ack(ack),
         )
-        return _expect(await self._call(key, msg), Written).version
+        return _expect(await self._call(slot, msg), Written).version
 
     # ------------------------------------------------------------------ transactions
 

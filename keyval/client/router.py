@@ -28,7 +28,7 @@ import trio
 
 from keyval.client.config import Endpoint
 from keyval.client.errors import DeadlineExceeded, NoOwner
-from keyval.client.links import CONNECTION_ERRORS, LinkPool
+from keyval.client.links import CONNECTION_ERRORS, Link, LinkPool
 from keyval.client.policy import Attempts, RetryPolicy
 from keyval.client.routing import Route, SlotTable
 from keyval.messages import GetMap, SlotMap
@@ -190,6 +190,10 @@ class Router:
         if timeout <= 0:
             raise DeadlineExceeded("the call's deadline passed")
         link = await self.pool.get(route.address, route.drone, timeout=timeout)
+        return await self._request(route, link, msg, timeout)
+
+    async def _request(self, route: Route, link: Link, msg: Message, timeout: float) -> Message:
+        """One request on `link` to `route`; its failures as the ServiceErrors `send` raises."""
         try:
             return await link.request(msg, timeout=timeout)
         except CONNECTION_ERRORS as error:
@@ -216,18 +220,36 @@ class Router:
 
     async def call(self, slot: int, msg: Message, attempts: Attempts | None = None) -> Message:
         """Send `msg` to the owner of `slot`, with every redirect and retry the policy allows."""
-        attempts = attempts or self.start()
-        ask: list[Route | None] = [None]
         failed: RetryableError | None = None
         table = self._table
         route = None if table is None else table.route(slot)
-        if route is not None:  # the common case, one try at the owner the map names: no
-            try:  # closures, no retry loop (a tenth of a get's client CPU above the link)
+        if route is not None and attempts is None:
+            # The common case: a new call whose first try goes to the owner the map names on
+            # a link already open. No Attempts, no closures, no retry loop, one clock read
+            # (for the deadline of a retry); a fresh call's first try may take the whole
+            # request timeout, as `send` would allow it.
+            link = self.pool.open_link(route.address)
+            if link is not None:
+                policy = self.policy
+                started = trio.current_time()
+                try:
+                    return await self._request(
+                        route, link, msg, min(policy.request_timeout_s, policy.deadline_s)
+                    )
+                except DeadlineExceeded:
+                    raise
+                except RETRYABLE_ERRORS as error:
+                    failed = error
+                attempts = Attempts.start(policy, started)
+        attempts = attempts or self.start()
+        if route is not None and failed is None:  # one try at the owner the map names
+            try:
                 return await self.send(route, msg, attempts)
             except DeadlineExceeded:
                 raise
             except RETRYABLE_ERRORS as error:
                 failed = error
+        ask: list[Route | None] = [None]
 
         async def once(attempts: Attempts) -> Message:
             target, ask[0] = ask[0], None
