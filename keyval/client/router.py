@@ -56,6 +56,10 @@ MAX_COMMANDER_HOPS_PER_ROUND = 8
 RetryableError = Moved | Ask | Unavailable | Timeout
 RETRYABLE_ERRORS = (Moved, Ask, Unavailable, Timeout)
 
+# What a request on a link may fail with other than the server's answer: a lost or broken
+# connection, or a slow one (`Router._link_failure` says what each means to the caller).
+LINK_ERRORS = (*CONNECTION_ERRORS, LocalProtocolError, trio.TooSlowError, Unavailable)
+
 # Map re-fetches caused by unreachable drones, at most one per this interval (per client): a
 # commander's heartbeat interval (100 ms), so a failover shows within one refresh, while a dead
 # drone hammered by many tasks costs the commander at most 10 map requests a second.
@@ -190,26 +194,31 @@ class Router:
         if timeout <= 0:
             raise DeadlineExceeded("the call's deadline passed")
         link = await self.pool.get(route.address, route.drone, timeout=timeout)
-        return await self._request(route, link, msg, timeout)
-
-    async def _request(self, route: Route, link: Link, msg: Message, timeout: float) -> Message:
-        """One request on `link` to `route`; its failures as the ServiceErrors `send` raises."""
         try:
             return await link.request(msg, timeout=timeout)
-        except CONNECTION_ERRORS as error:
-            await self.pool.drop(route.address, link)
-            raise Unavailable(f"connection to {route.drone} lost: {error}") from error
-        except LocalProtocolError as error:
-            # The channel failed (the peer died mid-frame) before the connection noticed:
-            # keyval.net lets the request reach the dead channel. A lost connection to us.
-            await self.pool.drop(route.address, link)
-            raise Unavailable(f"connection to {route.drone} unusable: {error}") from error
-        except trio.TooSlowError:
-            raise Timeout(f"{route.drone} did not answer within {timeout:.3f} s") from None
-        except Unavailable as error:
+        except LINK_ERRORS as error:
+            failure = await self._link_failure(route, link, error, timeout)
+            raise failure from failure.__cause__
+
+    async def _link_failure(
+        self, route: Route, link: Link, error: BaseException, timeout: float
+    ) -> Unavailable | Timeout:
+        """What a request on `link` that failed with one of LINK_ERRORS means to the caller
+        (its `__cause__` set where there is one); a lost or unusable connection is dropped."""
+        if isinstance(error, Unavailable):
             if "retry_after_ms" not in error.detail:  # the connection, not the server
                 await self.pool.drop(route.address, link)
-            raise
+            return error
+        if isinstance(error, trio.TooSlowError):
+            return Timeout(f"{route.drone} did not answer within {timeout:.3f} s")
+        # A connection error, or a LocalProtocolError: the channel failed (the peer died
+        # mid-frame) before the connection noticed, and keyval.net let the request reach the
+        # dead channel. Either way a lost connection to us.
+        await self.pool.drop(route.address, link)
+        how = "unusable" if isinstance(error, LocalProtocolError) else "lost"
+        lost = Unavailable(f"connection to {route.drone} {how}: {error}")
+        lost.__cause__ = error
+        return lost
 
     async def route(self, slot: int, attempts: Attempts) -> Route:
         table = await self.current_table(attempts)
@@ -232,12 +241,13 @@ class Router:
             if link is not None:
                 policy = self.policy
                 started = trio.current_time()
+                timeout = min(policy.request_timeout_s, policy.deadline_s)
                 try:
-                    return await self._request(
-                        route, link, msg, min(policy.request_timeout_s, policy.deadline_s)
-                    )
+                    return await link.request(msg, timeout=timeout)
                 except DeadlineExceeded:
                     raise
+                except LINK_ERRORS as error:
+                    failed = await self._link_failure(route, link, error, timeout)
                 except RETRYABLE_ERRORS as error:
                     failed = error
                 attempts = Attempts.start(policy, started)
