@@ -105,14 +105,14 @@ class AsyncClient:
     def _ack(self, ack: str | None) -> str:
         return self.ack if ack is None else admit_ack(ack)
 
-    async def _call(self, key: Key, msg: Message) -> Message:
+    async def _call(self, slot: int, msg: Message) -> Message:
         self._check_open()
-        return await self._router.call(key_slot(key), msg)
+        return await self._router.call(slot, msg)
 
     # ------------------------------------------------------------------ reads
 
     async def get(self, key: Key, default: Any = None) -> Any:
-        entry = await self.get_entry(key)
+        entry = await self._start_get(key)
         return default if entry.version == 0 else entry.value
 
     async def get_entry(self, key: Key) -> Entry:
@@ -121,19 +121,26 @@ class AsyncClient:
         With auto-batching on (the default), a get issued while other gets of this client are
         in flight joins them in a GetMany to its drone (keyval.client.autobatch); a lone get
         is sent as it is."""
+        return await self._start_get(key)
+
+    def _start_get(self, key: Key) -> Awaitable[Entry]:
+        """The get of `key`, to await (a plain function, so `get` awaits one frame less)."""
         data, slot = check_key_slot(key)
         self._check_open()
         table = self._router.table
-        batcher = self._batcher
-        if batcher is None or self._gets_in_flight == 0 or table is None:
-            return await self._get_alone(key, slot, None)
+        if self._batcher is None or self._gets_in_flight == 0 or table is None:
+            return self._get_alone(key, slot, None)
         route = table.route(slot)
         if route is None:
-            return await self._get_alone(key, slot, None)
+            return self._get_alone(key, slot, None)
+        return self._get_batched(route, key, len(data), slot)
+
+    async def _get_batched(self, route: Route, key: Key, key_bytes: int, slot: int) -> Entry:
+        assert self._batcher is not None  # _start_get checked
         deadline = trio.current_time() + self._router.policy.deadline_s
         self._gets_in_flight += 1
         try:
-            entry = await batcher.get(route, key, len(data), deadline)
+            entry = await self._batcher.get(route, key, key_bytes, deadline)
         finally:
             self._gets_in_flight -= 1
         if entry is RETRY_ALONE:  # the batch failed: this key's own get finds its own answer
@@ -278,16 +285,16 @@ class AsyncClient:
 
     async def put(self, key: Key, value: Any, *, ack: str | None = None) -> int:
         """Store `value`; returns the new version."""
-        admit_key(key)
+        slot = check_key_slot(key)[1]
         admit_value(value)
         msg = Put(key=key, value=value, op_id=os.urandom(OP_ID_BYTES), ack=self._ack(ack))
-        return _expect(await self._call(key, msg), Written).version
+        return _expect(await self._call(slot, msg), Written).version
 
     async def delete(self, key: Key, *, ack: str | None = None) -> bool:
         """Remove `key`; True if it existed."""
-        admit_key(key)
+        slot = check_key_slot(key)[1]
         msg = Delete(key=key, op_id=os.urandom(OP_ID_BYTES), ack=self._ack(ack))
-        return _expect(await self._call(key, msg), Written).existed
+        return _expect(await self._call(slot, msg), Written).existed
 
     async def cas(
         self,
@@ -301,7 +308,7 @@ class AsyncClient:
         """Write `value` (or delete, with delete=True) only if the key's version is
         `expected_version` (0: the key must be absent). Returns the new version; raises
         Conflict if the version differs."""
-        admit_key(key)
+        slot = check_key_slot(key)[1]
         admit_version(expected_version)
         if not delete:
             admit_value(value)
@@ -313,7 +320,7 @@ class AsyncClient:
             delete=delete,
             ack=self._ack(ack),
         )
-        return _expect(await self._call(key, msg), Written).version
+        return _expect(await self._call(slot, msg), Written).version
 
     # ------------------------------------------------------------------ transactions
 

@@ -76,6 +76,13 @@ class LinkPool:
         self._locks: dict[str, trio.Lock] = {}
         self._closed = False
 
+    def open_link(self, address: str) -> Link | None:
+        """The open link to `address`, if there is one (no dial, no wait): the hot path."""
+        link = self._links.get(address)
+        if link is None or self._closed or link.is_closed:
+            return None
+        return link
+
     async def get(self, address: str, service: str, *, timeout: float) -> Link:
         if self._closed:
             raise Unavailable("the client is closed")

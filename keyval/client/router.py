@@ -28,7 +28,7 @@ import trio
 
 from keyval.client.config import Endpoint
 from keyval.client.errors import DeadlineExceeded, NoOwner
-from keyval.client.links import CONNECTION_ERRORS, LinkPool
+from keyval.client.links import CONNECTION_ERRORS, Link, LinkPool
 from keyval.client.policy import Attempts, RetryPolicy
 from keyval.client.routing import Route, SlotTable
 from keyval.messages import GetMap, SlotMap
@@ -55,6 +55,10 @@ MAX_COMMANDER_HOPS_PER_ROUND = 8
 # ready); anything else goes to the caller at once.
 RetryableError = Moved | Ask | Unavailable | Timeout
 RETRYABLE_ERRORS = (Moved, Ask, Unavailable, Timeout)
+
+# What a request on a link may fail with other than the server's answer: a lost or broken
+# connection, or a slow one (`Router._link_failure` says what each means to the caller).
+LINK_ERRORS = (*CONNECTION_ERRORS, LocalProtocolError, trio.TooSlowError, Unavailable)
 
 # Map re-fetches caused by unreachable drones, at most one per this interval (per client): a
 # commander's heartbeat interval (100 ms), so a failover shows within one refresh, while a dead
@@ -192,20 +196,29 @@ class Router:
         link = await self.pool.get(route.address, route.drone, timeout=timeout)
         try:
             return await link.request(msg, timeout=timeout)
-        except CONNECTION_ERRORS as error:
-            await self.pool.drop(route.address, link)
-            raise Unavailable(f"connection to {route.drone} lost: {error}") from error
-        except LocalProtocolError as error:
-            # The channel failed (the peer died mid-frame) before the connection noticed:
-            # keyval.net lets the request reach the dead channel. A lost connection to us.
-            await self.pool.drop(route.address, link)
-            raise Unavailable(f"connection to {route.drone} unusable: {error}") from error
-        except trio.TooSlowError:
-            raise Timeout(f"{route.drone} did not answer within {timeout:.3f} s") from None
-        except Unavailable as error:
+        except LINK_ERRORS as error:
+            failure = await self._link_failure(route, link, error, timeout)
+            raise failure from failure.__cause__
+
+    async def _link_failure(
+        self, route: Route, link: Link, error: BaseException, timeout: float
+    ) -> Unavailable | Timeout:
+        """What a request on `link` that failed with one of LINK_ERRORS means to the caller
+        (its `__cause__` set where there is one); a lost or unusable connection is dropped."""
+        if isinstance(error, Unavailable):
             if "retry_after_ms" not in error.detail:  # the connection, not the server
                 await self.pool.drop(route.address, link)
-            raise
+            return error
+        if isinstance(error, trio.TooSlowError):
+            return Timeout(f"{route.drone} did not answer within {timeout:.3f} s")
+        # A connection error, or a LocalProtocolError: the channel failed (the peer died
+        # mid-frame) before the connection noticed, and keyval.net let the request reach the
+        # dead channel. Either way a lost connection to us.
+        await self.pool.drop(route.address, link)
+        how = "unusable" if isinstance(error, LocalProtocolError) else "lost"
+        lost = Unavailable(f"connection to {route.drone} {how}: {error}")
+        lost.__cause__ = error
+        return lost
 
     async def route(self, slot: int, attempts: Attempts) -> Route:
         table = await self.current_table(attempts)
@@ -216,18 +229,37 @@ class Router:
 
     async def call(self, slot: int, msg: Message, attempts: Attempts | None = None) -> Message:
         """Send `msg` to the owner of `slot`, with every redirect and retry the policy allows."""
-        attempts = attempts or self.start()
-        ask: list[Route | None] = [None]
         failed: RetryableError | None = None
         table = self._table
         route = None if table is None else table.route(slot)
-        if route is not None:  # the common case, one try at the owner the map names: no
-            try:  # closures, no retry loop (a tenth of a get's client CPU above the link)
+        if route is not None and attempts is None:
+            # The common case: a new call whose first try goes to the owner the map names on
+            # a link already open. No Attempts, no closures, no retry loop, one clock read
+            # (for the deadline of a retry); a fresh call's first try may take the whole
+            # request timeout, as `send` would allow it.
+            link = self.pool.open_link(route.address)
+            if link is not None:
+                policy = self.policy
+                started = trio.current_time()
+                timeout = min(policy.request_timeout_s, policy.deadline_s)
+                try:
+                    return await link.request(msg, timeout=timeout)
+                except DeadlineExceeded:
+                    raise
+                except LINK_ERRORS as error:
+                    failed = await self._link_failure(route, link, error, timeout)
+                except RETRYABLE_ERRORS as error:
+                    failed = error
+                attempts = Attempts.start(policy, started)
+        attempts = attempts or self.start()
+        if route is not None and failed is None:  # one try at the owner the map names
+            try:
                 return await self.send(route, msg, attempts)
             except DeadlineExceeded:
                 raise
             except RETRYABLE_ERRORS as error:
                 failed = error
+        ask: list[Route | None] = [None]
 
         async def once(attempts: Attempts) -> Message:
             target, ask[0] = ask[0], None

@@ -9,10 +9,12 @@ import trio
 import trio.testing
 
 from keyval.client.aio import AsyncClient
+from keyval.client.checks import CBOR_BYTES_HEAD_MAX, admit_value
 from keyval.client.errors import DeadlineExceeded
-from keyval.keys import canonical_key, key_slot
+from keyval.keys import DEFAULT_MAX_VALUE_BYTES, canonical_key, key_slot
 from keyval.messages import Put
 from tests.client.fakes import FakeCluster
+from wire import codec
 from wire.errors import Ask, BadRequest, Conflict, Moved, TooLarge, Unavailable
 
 
@@ -224,6 +226,17 @@ async def test_bad_keys_are_refused_before_sending(kv: AsyncClient, key: object)
         await kv.put(key, 1)  # type: ignore[arg-type]
     with pytest.raises((BadRequest, TooLarge)):
         await kv.get(key)  # type: ignore[arg-type]
+
+
+def test_the_value_limit_counts_the_cbor_head_of_bytes() -> None:
+    limit = DEFAULT_MAX_VALUE_BYTES
+    head = len(codec.encode(b"x" * limit)) - limit  # 5 bytes at this length
+    admit_value(b"x" * (limit - CBOR_BYTES_HEAD_MAX))  # the largest admitted without encoding
+    admit_value(b"x" * (limit - head))  # encodes to exactly the limit
+    with pytest.raises(TooLarge):
+        admit_value(b"x" * (limit - head + 1))
+    with pytest.raises(TooLarge):
+        admit_value([b"x" * limit])  # not bytes: the encoded size decides
 
 
 async def test_bad_values_and_options_are_refused(kv: AsyncClient) -> None:
