@@ -146,6 +146,20 @@ class WriteBatcher:
                 while len(self._queue) >= MAX_QUEUED_OPS:
                     self._room = trio.Event()
                     await self._room.wait()
+        return self.submit_nowait(op, size_bytes, on_done)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether `submit_nowait` may queue an op now (the queue is under MAX_QUEUED_OPS)."""
+        return len(self._queue) < MAX_QUEUED_OPS
+
+    def submit_nowait(self, op: WireOp, size_bytes: int, on_done: Completion) -> _Queued:
+        """`submit` for a caller that checked `has_room`: queues at once, never waits.
+
+        A caller that nobody waits for (an inline write, keyval.drone.writes) learns the
+        result only through `on_done`, which runs exactly once, whatever happens to the batch."""
+        if len(self._queue) >= MAX_QUEUED_OPS:
+            raise RuntimeError("submit_nowait on a full write queue (check has_room first)")
         queued = _Queued(op, size_bytes, on_done, self._open_done)
         self._queue.append(queued)
         self._queued_bytes += size_bytes
@@ -235,11 +249,12 @@ class WriteBatcher:
             outcomes = await self._send_batch([queued.op for queued in batch])
             for queued, (versions, error) in zip(batch, outcomes, strict=True):
                 queued.versions, queued.error = versions, error
-                queued.on_done(versions, error)
+                _run_completion(queued, versions, error)
         finally:
-            for queued in batch:  # only if the loop above failed: its waiters must not hang
+            for queued in batch:  # only if the above failed: no op may be left unanswered
                 if not queued.resolved:
                     queued.error = Internal("the write batch ended without a result")
+                    _run_completion(queued, None, queued.error)
             batch[0].done.set()  # every op of a batch shares one event
             self._in_flight -= 1
             self._in_flight_keys.subtract(keys)
@@ -270,6 +285,16 @@ class WriteBatcher:
             wrong = Internal(f"db answered a write batch with {type(reply).__name__}")
             return [(None, wrong)] * len(ops)
         return [_outcome(result) for result in reply.results]
+
+
+def _run_completion(
+    queued: _Queued, versions: list[int] | None, error: ServiceError | None
+) -> None:
+    """Run `queued`'s callback; a failing one is logged, never stops the batch's others."""
+    try:
+        queued.on_done(versions, error)
+    except Exception:
+        log.exception("a write completion failed")
 
 
 def op_keys(op: WireOp) -> list[SlotKey]:
