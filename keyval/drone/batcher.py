@@ -125,8 +125,7 @@ class WriteBatcher:
         self._expected_arrivals = 0
         self.batches_sent = 0
         self.ops_sent = 0
-        self._in_flight = 0
-        self._in_flight_keys: collections.Counter[SlotKey] = collections.Counter()
+        self._in_flight: list[list[_Queued]] = []  # the batches at the db
         self._batch_done = trio.Event()  # set and replaced whenever a batch in flight ends
 
     def set_link(self, link: DbLink) -> None:
@@ -183,7 +182,7 @@ class WriteBatcher:
             "queued": len(self._queue),
             "batches_sent": self.batches_sent,
             "ops_sent": self.ops_sent,
-            "in_flight": self._in_flight,
+            "in_flight": len(self._in_flight),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -191,17 +190,16 @@ class WriteBatcher:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                while self._in_flight >= self._max_in_flight:
+                while len(self._in_flight) >= self._max_in_flight:
                     await self._batch_done.wait()
                 batch = await self._gather()
-                keys = {key for queued in batch for key in op_keys(queued.op)}
                 # Writes to one key reach the db in version order: a batch sharing a key with
-                # one in flight goes only once nothing is in flight.
-                while self._in_flight > 0 and not self._in_flight_keys.keys().isdisjoint(keys):
+                # one in flight goes only once nothing is in flight. The keys are looked at
+                # only when a batch is in flight (never with one batch in flight at most).
+                while self._in_flight and _share_a_key(batch, self._in_flight):
                     await self._batch_done.wait()
-                self._in_flight += 1
-                self._in_flight_keys.update(keys)
-                nursery.start_soon(self._commit_batch, batch, keys)
+                self._in_flight.append(batch)
+                nursery.start_soon(self._commit_batch, batch)
 
     def _ready(self) -> bool:
         """Close the batch now: a full one is queued, or the expected writers are back."""
@@ -244,7 +242,7 @@ class WriteBatcher:
             self._room.set()
         return batch
 
-    async def _commit_batch(self, batch: list[_Queued], keys: set[SlotKey]) -> None:
+    async def _commit_batch(self, batch: list[_Queued]) -> None:
         try:
             outcomes = await self._send_batch([queued.op for queued in batch])
             for queued, (versions, error) in zip(batch, outcomes, strict=True):
@@ -256,11 +254,7 @@ class WriteBatcher:
                     queued.error = Internal("the write batch ended without a result")
                     _run_completion(queued, None, queued.error)
             batch[0].done.set()  # every op of a batch shares one event
-            self._in_flight -= 1
-            self._in_flight_keys.subtract(keys)
-            for key in keys:
-                if self._in_flight_keys[key] <= 0:
-                    del self._in_flight_keys[key]
+            self._in_flight = [other for other in self._in_flight if other is not batch]
             # The writers answered now send their next writes: a batch closes once as many
             # have arrived (or after the window).
             self._expected_arrivals = self._arrivals + len(batch)
@@ -295,6 +289,11 @@ def _run_completion(
         queued.on_done(versions, error)
     except Exception:
         log.exception("a write completion failed")
+
+
+def _share_a_key(batch: list[_Queued], in_flight: list[list[_Queued]]) -> bool:
+    keys = {key for queued in batch for key in op_keys(queued.op)}
+    return any(not keys.isdisjoint(op_keys(queued.op)) for other in in_flight for queued in other)
 
 
 def op_keys(op: WireOp) -> list[SlotKey]:
