@@ -949,7 +949,10 @@ class _DeferredReply:
         connection._queue_reply(self.rid, reply)
         elapsed_s = trio.current_time() - self.started
         connection.metrics.request_done(self.type, code, elapsed_s)
-        if logger.isEnabledFor(logging.DEBUG):
+        if logger.isEnabledFor(logging.DEBUG):  # in the answering task: name the request
+            observe_context.set_request(
+                observe_context.request_id(connection.connection_id, self.rid)
+            )
             logger.debug(
                 "%s from %s: %s in %.3f ms",
                 self.type,

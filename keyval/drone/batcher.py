@@ -10,8 +10,9 @@ would only delay them), else after at most BATCH_WINDOW_MS. It sends one DbWrite
 the drone's current grant. Batches in flight never share a key: a batch that writes a key of a
 batch still in flight waits until no batch is in flight, so the db sees the writes to any
 one key in the order their versions were handed out. When a batch's result is known every
-op's callback runs (so in-memory applies happen even if the client that asked has gone
-away), then the batch's waiters wake together (one event per batch).
+op's callback runs, exactly once even when the batch fails unexpectedly (so in-memory applies
+happen, and deferred requests are answered, even if the client that asked has gone away);
+then the batch's waiters, if any, wake together (one event per batch).
 
 A db refusal of an op is that op's error; FENCED becomes UNAVAILABLE for the client, who
 should refresh its slot map and retry. A lost db connection or timeout fails the whole batch

@@ -6,6 +6,16 @@ cas/txn wait until its keys have no pending write. Then, with no await in betwee
 the slots, validate (cas/txn), hand out versions and mark the keys pending. The writes go to
 the db in the drone's next batch.
 
+Two ways through those steps, one set of checks (the `_plan_*` functions, run with no await):
+
+- deferred (`*_deferred`, the common case): keyval.net's reader admits the request itself
+  (DroneHandler.handle_deferred), queues the op with a completion (`_Answer`) and returns
+  DEFERRED; when the batch resolves the completion installs the writes, remembers the reply
+  by op id and hands it to the connection's responder. No task, no event per write.
+- awaited (`handle_*`, in a task): whenever something has to wait first: the op id is in
+  flight (a retry waits for the first attempt's reply), a slot is loading, a cas/txn key has
+  a pending write, or the write queue is full.
+
 Ack modes:
 
 - "durable" (default): the writes are applied in memory, and the client answered, only once

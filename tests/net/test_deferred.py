@@ -7,8 +7,6 @@ replies given in one task turn leave in one write per connection, with no task).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -17,13 +15,12 @@ import trio.testing
 from keyval.net import (
     DEFERRED,
     MAX_INFLIGHT_PER_CONNECTION,
-    Connection,
     Deferred,
     Respond,
     open_connection,
     serve,
-    serve_stream,
 )
+from tests.net.test_inline import connected
 from tests.net.test_net import Echo, Fail, client_auth, server_auth
 from wire.channel import PeerInfo
 from wire.errors import Conflict, Internal, NotFound
@@ -63,19 +60,6 @@ class DeferringApp:
         held, self.held = self.held, []
         for msg, respond in held:
             respond(Echo(msg.value))
-
-
-@asynccontextmanager
-async def connected(app: DeferringApp) -> AsyncIterator[Connection]:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_stream, server_stream, server_auth(), app)
-        conn = await Connection.from_stream(client_stream, client_auth())
-        try:
-            yield conn
-        finally:
-            await conn.aclose()
-            nursery.cancel_scope.cancel()
 
 
 async def test_deferred_requests_are_answered_when_the_handler_responds(
