@@ -762,7 +762,8 @@ class _ServerConnection:
     ) -> bool:
         """Offer `msg`, holding an inflight slot, to the handler's deferring path; True when
         it was answered (queued) or will be (the handler calls the responder)."""
-        observe_context.set_request(observe_context.request_id(self.connection_id, rid))
+        if self.handle_nowait is None:  # else `_answer_inline` has named the request already
+            observe_context.set_request(observe_context.request_id(self.connection_id, rid))
         responder = _DeferredReply(self, rid, msg.TYPE, trio.current_time())
         outcome: Message | Deferred | ServiceError | None
         try:
