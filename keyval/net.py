@@ -964,35 +964,46 @@ class _DeferredReply:
         return True
 
 
-# Server connections with deferred replies queued since the scheduled flush was set up.
-_TO_FLUSH: trio.lowlevel.RunVar[list[_ServerConnection]] = trio.lowlevel.RunVar("to_flush")
+class _Flusher:
+    """One system task per trio run that flushes the links given deferred replies: woken
+    (no system call, unlike `run_sync_soon`) after the task that answered them yields, it
+    writes each such link once, however many replies it got."""
+
+    def __init__(self) -> None:
+        self.waiting: list[_ServerConnection] = []
+        self.wake = trio.Event()
+
+    def schedule(self, connection: _ServerConnection) -> None:
+        if not connection.flush_scheduled:
+            connection.flush_scheduled = True
+            self.waiting.append(connection)
+            self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake = trio.Event()
+            connections, self.waiting = self.waiting, []
+            for connection in connections:
+                connection.flush_scheduled = False
+                try:
+                    connection.flush_deferred()
+                except Exception:  # a system task must never raise: it would end the run
+                    logger.exception("flushing deferred replies failed")
+
+
+_FLUSHER: trio.lowlevel.RunVar[_Flusher] = trio.lowlevel.RunVar("keyval_net_flusher")
 
 
 def _schedule_flush(connection: _ServerConnection) -> None:
-    """Flush `connection`'s link soon: after the running task yields, with every other link
-    that got replies meanwhile (one write each, however many replies it got)."""
-    if connection.flush_scheduled:
-        return
-    connection.flush_scheduled = True
+    """Flush `connection`'s link once the running task yields."""
     try:
-        waiting = _TO_FLUSH.get()
+        flusher = _FLUSHER.get()
     except LookupError:
-        waiting = []
-        _TO_FLUSH.set(waiting)
-    if not waiting:
-        trio.lowlevel.current_trio_token().run_sync_soon(_flush_scheduled, waiting)
-    waiting.append(connection)
-
-
-def _flush_scheduled(waiting: list[_ServerConnection]) -> None:
-    connections = waiting[:]
-    waiting.clear()
-    for connection in connections:
-        connection.flush_scheduled = False
-        try:
-            connection.flush_deferred()
-        except Exception:  # runs in trio's own task: must never raise
-            logger.exception("flushing deferred replies failed")
+        flusher = _Flusher()
+        _FLUSHER.set(flusher)
+        trio.lowlevel.spawn_system_task(flusher.run, name="keyval.net flusher")
+    flusher.schedule(connection)
 
 
 def _request_id_of(data: bytes) -> int | None:
