@@ -15,7 +15,10 @@ concurrently, up to `MAX_INFLIGHT_PER_CONNECTION`; past that the server stops re
 peer's TCP window fills: back-pressure). A handler that also has
 `handle_nowait(peer, msg) -> Message | None` (see `InlineHandler`) answers what it can
 without waiting right in the reading task, with no task spawned; None sends the request down
-the concurrent path.
+the concurrent path. A handler with `handle_deferred(peer, msg, respond)` (see
+`DeferringHandler`) may admit a request there too, holding one inflight slot, and answer it
+later by calling `respond` from any task (a drone's durable write, when its db batch
+resolves); the replies given while one task runs leave with one write per connection.
 
 Writes are coalesced: the reading task decodes every complete frame of what it received,
 answers the inline ones, and sends all of their replies in one `send_all` before it reads
@@ -57,6 +60,7 @@ from wire.channel import (
 from wire.errors import (
     DecodeError,
     ErrorCode,
+    Internal,
     LocalProtocolError,
     RemoteProtocolError,
     ServiceError,
@@ -114,6 +118,31 @@ class InlineHandler(Protocol):
     def handle_nowait(self, peer: PeerInfo, msg: Message) -> Message | None:
         """The reply if it can be given without waiting, else None (then `__call__` runs).
         Raises like `__call__` (a `ServiceError` becomes the `Error` reply)."""
+        ...
+
+
+class Deferred:
+    """What `handle_deferred` returns when it will answer later, through `respond`."""
+
+    __slots__ = ()
+
+
+DEFERRED = Deferred()
+
+# Given exactly once, from any task, a deferred request's reply or the error to answer with.
+Respond = Callable[[Message | ServiceError], None]
+
+
+class DeferringHandler(Protocol):
+    """A handler that may also admit a request without a task and answer it later."""
+
+    def handle_deferred(
+        self, peer: PeerInfo, msg: Message, respond: Respond
+    ) -> Message | Deferred | None:
+        """The reply now; DEFERRED when `respond` will be called once with the outcome; or
+        None: the request must wait, `__call__` runs in a task. Raises like `__call__`.
+        The request holds one of its connection's MAX_INFLIGHT_PER_CONNECTION slots until
+        it is answered."""
         ...
 
 
@@ -259,6 +288,11 @@ class _Link:
     def has_queued(self) -> bool:
         return bool(self._outbox)
 
+    @property
+    def flushing(self) -> bool:
+        """A `flush` is under way: it writes whatever is queued before it returns."""
+        return self._flushing
+
     async def flush(self, *, join: bool = True) -> None:
         """Write everything queued. Returns at once if another task is writing: that task
         keeps writing until the queue is empty, our frames included. `join` first lets the
@@ -278,6 +312,25 @@ class _Link:
                 await self._write(data)
         finally:
             self._flushing = False
+
+    def write_nowait(self) -> bool:
+        """Write what is queued now, without waiting; False when some remains (written by a
+        `flush`, which must follow) or the stream offers no direct socket. Never call it
+        while a `flush` runs (`_flushing`)."""
+        if self.direct is None or self._flushing:
+            return False
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        try:
+            sent = self.direct.send_nowait(memoryview(data))
+        except (trio.ClosedResourceError, OSError) as error:
+            self.fail(f"connection lost while writing: {error or type(error)}")
+            return True  # nothing more can be written; the reader sees the failure
+        if sent == len(data):
+            self.writes += 1
+            return True
+        self._outbox.append(data[sent:])
+        return False
 
     async def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -638,6 +691,11 @@ class _ServerConnection:
         self.handle_nowait: Callable[[PeerInfo, Message], Message | None] | None = getattr(
             handler, "handle_nowait", None
         )
+        self.handle_deferred: (
+            Callable[[PeerInfo, Message, Respond], Message | Deferred | None] | None
+        ) = getattr(handler, "handle_deferred", None)
+        self.nursery: trio.Nursery | None = None  # while serving: flushes deferred replies
+        self.flush_scheduled = False  # listed to flush its deferred replies (_schedule_flush)
 
     async def run(self) -> str:
         """Serve requests until the peer leaves or fails; returns why the connection ended."""
@@ -656,6 +714,7 @@ class _ServerConnection:
     async def _serve(self) -> str:
         reason = "closed by a handler"  # if a handler cancels the reader
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
             try:
                 reason = await self._read_requests(nursery)
             except WireError as error:
@@ -664,6 +723,7 @@ class _ServerConnection:
                 await self.link.farewell()
                 reason = f"{type(error).__name__}: {error.message}"
             finally:
+                self.nursery = None  # deferred replies from now on are dropped
                 nursery.cancel_scope.cancel()
         return reason
 
@@ -673,6 +733,7 @@ class _ServerConnection:
         link = self.link
         channel = link.channel
         handle_nowait = self.handle_nowait
+        handle_deferred = self.handle_deferred
         while True:
             event = channel.next_event()
             if event is NEED_DATA:
@@ -700,7 +761,39 @@ class _ServerConnection:
             except trio.WouldBlock:
                 await link.flush(join=False)  # what we answered inline goes out meanwhile
                 await self.inflight.acquire()  # back-pressure: read no more until a slot frees
+            if handle_deferred is not None and self._answer_deferred(handle_deferred, rid, msg):
+                continue
             nursery.start_soon(self._handle, rid, msg, nursery)
+
+    def _answer_deferred(
+        self,
+        handle_deferred: Callable[[PeerInfo, Message, Respond], Message | Deferred | None],
+        rid: int,
+        msg: Message,
+    ) -> bool:
+        """Offer `msg`, holding an inflight slot, to the handler's deferring path; True when
+        it was answered (queued) or will be (the handler calls the responder)."""
+        if self.handle_nowait is None:  # else `_answer_inline` has named the request already
+            observe_context.set_request(observe_context.request_id(self.connection_id, rid))
+        responder = _DeferredReply(self, rid, msg.TYPE, trio.current_time())
+        outcome: Message | Deferred | ServiceError | None
+        try:
+            outcome = handle_deferred(self.peer, msg, responder)
+        except CloseConnection:
+            return False  # the concurrent path answers and closes, as for any handler
+        except ServiceError as error:
+            outcome = error
+        except Exception:
+            logger.exception("handler failed on %s from %s", msg.TYPE, self.peer.name)
+            outcome = Internal("internal error")
+        if outcome is None:
+            return False
+        if outcome is not DEFERRED:
+            if not isinstance(outcome, Message | ServiceError):
+                logger.error("handler returned %r for %s, not a Message", type(outcome), msg.TYPE)
+                outcome = Internal("internal error")
+            responder.answer(outcome)  # this turn's write sends it
+        return True
 
     def _answer_inline(
         self, handle_nowait: Callable[[PeerInfo, Message], Message | None], rid: int, msg: Message
@@ -803,6 +896,22 @@ class _ServerConnection:
         others_running = self.inflight.value < MAX_INFLIGHT_PER_CONNECTION - 1
         await self.link.flush(join=others_running)
 
+    def flush_deferred(self) -> None:
+        """Send the deferred replies queued since the last write: at once when the socket
+        takes them all, else in a task; nothing when a write is under way (it sends them)."""
+        link = self.link
+        if self.nursery is None or link.broken is not None or link.flushing or not link.has_queued:
+            return
+        if not link.write_nowait():
+            self.nursery.start_soon(self._finish_flush)
+
+    async def _finish_flush(self) -> None:
+        try:
+            await self.link.flush(join=False)
+        except Unavailable:
+            if self.nursery is not None:
+                self.nursery.cancel_scope.cancel()  # the connection is gone
+
     def _queue_reply(self, rid: int, reply: Message) -> None:
         channel = self.link.channel
         try:
@@ -816,6 +925,96 @@ class _ServerConnection:
         if not channel.can_send:
             return  # the connection is closing; nobody will read this
         self.link.queue(channel.send(payload))
+
+
+class _DeferredReply:
+    """The responder of one deferred request (`Respond`): queues the reply on its link, frees
+    the inflight slot, counts the request, and has the link flushed once the current task
+    yields, so the replies one batch completes leave with one write per connection."""
+
+    __slots__ = ("answered", "connection", "rid", "started", "type")
+
+    def __init__(self, connection: _ServerConnection, rid: int, type_: str, started: float):
+        self.connection = connection
+        self.rid = rid
+        self.type = type_
+        self.started = started
+        self.answered = False
+
+    def __call__(self, outcome: Message | ServiceError) -> None:
+        if self.answer(outcome):
+            _schedule_flush(self.connection)
+
+    def answer(self, outcome: Message | ServiceError) -> bool:
+        """Queue the reply; False when it was answered before (a bug: logged, ignored)."""
+        if self.answered:
+            logger.error("%s request %d answered twice; the second is dropped", self.type, self.rid)
+            return False
+        self.answered = True
+        connection = self.connection
+        connection.inflight.release()
+        if isinstance(outcome, ServiceError):
+            reply: Message = Error(outcome.code.value, outcome.message, outcome.detail)
+        else:
+            reply = outcome
+        code = reply.code if type(reply) is Error else None
+        connection._queue_reply(self.rid, reply)
+        elapsed_s = trio.current_time() - self.started
+        connection.metrics.request_done(self.type, code, elapsed_s)
+        if logger.isEnabledFor(logging.DEBUG):  # in the answering task: name the request
+            observe_context.set_request(
+                observe_context.request_id(connection.connection_id, self.rid)
+            )
+            logger.debug(
+                "%s from %s: %s in %.3f ms",
+                self.type,
+                connection.peer.name,
+                code or "ok",
+                elapsed_s * 1e3,
+            )
+        return True
+
+
+class _Flusher:
+    """One system task per trio run that flushes the links given deferred replies: woken
+    (no system call, unlike `run_sync_soon`) after the task that answered them yields, it
+    writes each such link once, however many replies it got."""
+
+    def __init__(self) -> None:
+        self.waiting: list[_ServerConnection] = []
+        self.wake = trio.Event()
+
+    def schedule(self, connection: _ServerConnection) -> None:
+        if not connection.flush_scheduled:
+            connection.flush_scheduled = True
+            self.waiting.append(connection)
+            self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake = trio.Event()
+            connections, self.waiting = self.waiting, []
+            for connection in connections:
+                connection.flush_scheduled = False
+                try:
+                    connection.flush_deferred()
+                except Exception:  # a system task must never raise: it would end the run
+                    logger.exception("flushing deferred replies failed")
+
+
+_FLUSHER: trio.lowlevel.RunVar[_Flusher] = trio.lowlevel.RunVar("keyval_net_flusher")
+
+
+def _schedule_flush(connection: _ServerConnection) -> None:
+    """Flush `connection`'s link once the running task yields."""
+    try:
+        flusher = _FLUSHER.get()
+    except LookupError:
+        flusher = _Flusher()
+        _FLUSHER.set(flusher)
+        trio.lowlevel.spawn_system_task(flusher.run, name="keyval.net flusher")
+    flusher.schedule(connection)
 
 
 def _request_id_of(data: bytes) -> int | None:
@@ -904,13 +1103,17 @@ async def serve(
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "DEFAULT_REQUEST_TIMEOUT_S",
+    "DEFERRED",
     "HANDSHAKE_TIMEOUT_S",
     "MAX_CONNECTIONS",
     "MAX_INFLIGHT_PER_CONNECTION",
     "TRANSPORT",
     "CloseConnection",
     "Connection",
+    "Deferred",
+    "DeferringHandler",
     "InlineHandler",
+    "Respond",
     "TcpTransport",
     "Transport",
     "current_transport",

@@ -10,8 +10,9 @@ would only delay them), else after at most BATCH_WINDOW_MS. It sends one DbWrite
 the drone's current grant. Batches in flight never share a key: a batch that writes a key of a
 batch still in flight waits until no batch is in flight, so the db sees the writes to any
 one key in the order their versions were handed out. When a batch's result is known every
-op's callback runs (so in-memory applies happen even if the client that asked has gone
-away), then the batch's waiters wake together (one event per batch).
+op's callback runs, exactly once even when the batch fails unexpectedly (so in-memory applies
+happen, and deferred requests are answered, even if the client that asked has gone away);
+then the batch's waiters, if any, wake together (one event per batch).
 
 A db refusal of an op is that op's error; FENCED becomes UNAVAILABLE for the client, who
 should refresh its slot map and retry. A lost db connection or timeout fails the whole batch
@@ -125,8 +126,7 @@ class WriteBatcher:
         self._expected_arrivals = 0
         self.batches_sent = 0
         self.ops_sent = 0
-        self._in_flight = 0
-        self._in_flight_keys: collections.Counter[SlotKey] = collections.Counter()
+        self._in_flight: list[list[_Queued]] = []  # the batches at the db
         self._batch_done = trio.Event()  # set and replaced whenever a batch in flight ends
 
     def set_link(self, link: DbLink) -> None:
@@ -146,6 +146,20 @@ class WriteBatcher:
                 while len(self._queue) >= MAX_QUEUED_OPS:
                     self._room = trio.Event()
                     await self._room.wait()
+        return self.submit_nowait(op, size_bytes, on_done)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether `submit_nowait` may queue an op now (the queue is under MAX_QUEUED_OPS)."""
+        return len(self._queue) < MAX_QUEUED_OPS
+
+    def submit_nowait(self, op: WireOp, size_bytes: int, on_done: Completion) -> _Queued:
+        """`submit` for a caller that checked `has_room`: queues at once, never waits.
+
+        A caller that nobody waits for (an inline write, keyval.drone.writes) learns the
+        result only through `on_done`, which runs exactly once, whatever happens to the batch."""
+        if len(self._queue) >= MAX_QUEUED_OPS:
+            raise RuntimeError("submit_nowait on a full write queue (check has_room first)")
         queued = _Queued(op, size_bytes, on_done, self._open_done)
         self._queue.append(queued)
         self._queued_bytes += size_bytes
@@ -169,7 +183,7 @@ class WriteBatcher:
             "queued": len(self._queue),
             "batches_sent": self.batches_sent,
             "ops_sent": self.ops_sent,
-            "in_flight": self._in_flight,
+            "in_flight": len(self._in_flight),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -177,17 +191,16 @@ class WriteBatcher:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                while self._in_flight >= self._max_in_flight:
+                while len(self._in_flight) >= self._max_in_flight:
                     await self._batch_done.wait()
                 batch = await self._gather()
-                keys = {key for queued in batch for key in op_keys(queued.op)}
                 # Writes to one key reach the db in version order: a batch sharing a key with
-                # one in flight goes only once nothing is in flight.
-                while self._in_flight > 0 and not self._in_flight_keys.keys().isdisjoint(keys):
+                # one in flight goes only once nothing is in flight. The keys are looked at
+                # only when a batch is in flight (never with one batch in flight at most).
+                while self._in_flight and _share_a_key(batch, self._in_flight):
                     await self._batch_done.wait()
-                self._in_flight += 1
-                self._in_flight_keys.update(keys)
-                nursery.start_soon(self._commit_batch, batch, keys)
+                self._in_flight.append(batch)
+                nursery.start_soon(self._commit_batch, batch)
 
     def _ready(self) -> bool:
         """Close the batch now: a full one is queued, or the expected writers are back."""
@@ -230,22 +243,19 @@ class WriteBatcher:
             self._room.set()
         return batch
 
-    async def _commit_batch(self, batch: list[_Queued], keys: set[SlotKey]) -> None:
+    async def _commit_batch(self, batch: list[_Queued]) -> None:
         try:
             outcomes = await self._send_batch([queued.op for queued in batch])
             for queued, (versions, error) in zip(batch, outcomes, strict=True):
                 queued.versions, queued.error = versions, error
-                queued.on_done(versions, error)
+                _run_completion(queued, versions, error)
         finally:
-            for queued in batch:  # only if the loop above failed: its waiters must not hang
+            for queued in batch:  # only if the above failed: no op may be left unanswered
                 if not queued.resolved:
                     queued.error = Internal("the write batch ended without a result")
+                    _run_completion(queued, None, queued.error)
             batch[0].done.set()  # every op of a batch shares one event
-            self._in_flight -= 1
-            self._in_flight_keys.subtract(keys)
-            for key in keys:
-                if self._in_flight_keys[key] <= 0:
-                    del self._in_flight_keys[key]
+            self._in_flight = [other for other in self._in_flight if other is not batch]
             # The writers answered now send their next writes: a batch closes once as many
             # have arrived (or after the window).
             self._expected_arrivals = self._arrivals + len(batch)
@@ -270,6 +280,21 @@ class WriteBatcher:
             wrong = Internal(f"db answered a write batch with {type(reply).__name__}")
             return [(None, wrong)] * len(ops)
         return [_outcome(result) for result in reply.results]
+
+
+def _run_completion(
+    queued: _Queued, versions: list[int] | None, error: ServiceError | None
+) -> None:
+    """Run `queued`'s callback; a failing one is logged, never stops the batch's others."""
+    try:
+        queued.on_done(versions, error)
+    except Exception:
+        log.exception("a write completion failed")
+
+
+def _share_a_key(batch: list[_Queued], in_flight: list[list[_Queued]]) -> bool:
+    keys = {key for queued in batch for key in op_keys(queued.op)}
+    return any(not keys.isdisjoint(op_keys(queued.op)) for other in in_flight for queued in other)
 
 
 def op_keys(op: WireOp) -> list[SlotKey]:

@@ -15,7 +15,17 @@ from keyval.drone.reads import (
 )
 from keyval.drone.state import DroneState
 from keyval.drone.twopc import handle_txn_abort, handle_txn_prepare
-from keyval.drone.writes import handle_cas, handle_delete, handle_put, handle_txn_commit
+from keyval.drone.writes import (
+    Deferral,
+    cas_deferred,
+    delete_deferred,
+    handle_cas,
+    handle_delete,
+    handle_put,
+    handle_txn_commit,
+    put_deferred,
+    txn_commit_deferred,
+)
 from keyval.messages import (
     CompareAndSet,
     Delete,
@@ -27,6 +37,7 @@ from keyval.messages import (
     TxnCommit,
     TxnPrepare,
 )
+from keyval.net import Respond
 from wire.channel import PeerInfo
 from wire.errors import BadRequest
 from wire.messages import Message, Ok, Ping
@@ -35,6 +46,16 @@ from wire.messages import Message, Ok, Ping
 KV_ROLES = ("client", "admin")
 
 _Handler = Callable[[DroneState, PeerInfo, Any], Awaitable[Message]]
+
+_DeferredHandler = Callable[[DroneState, PeerInfo, Any, Respond], Deferral]
+
+# Mutations that may be admitted and queued synchronously, answered when their batch resolves.
+_DEFERRED_HANDLERS: dict[type[Message], _DeferredHandler] = {
+    Put: put_deferred,
+    Delete: delete_deferred,
+    CompareAndSet: cas_deferred,
+    TxnCommit: txn_commit_deferred,
+}
 
 _KV_HANDLERS: dict[type[Message], _Handler] = {
     Get: handle_get,
@@ -70,6 +91,18 @@ class DroneHandler:
         if reply is not None:
             self.state.requests_served += 1
         return reply
+
+    def handle_deferred(self, peer: PeerInfo, msg: Message, respond: Respond) -> Deferral:
+        """A mutation admitted without a task (keyval.net): its reply now, DEFERRED when
+        `respond` will get it once its batch resolves, or None: it must wait, `__call__` runs."""
+        handler = _DEFERRED_HANDLERS.get(type(msg))
+        if handler is None:
+            return None
+        require_role(peer, *KV_ROLES, action=msg.TYPE)
+        outcome = handler(self.state, peer, msg, respond)
+        if outcome is not None:
+            self.state.requests_served += 1
+        return outcome
 
     async def __call__(self, peer: PeerInfo, msg: Message) -> Message:
         if isinstance(msg, Ping):

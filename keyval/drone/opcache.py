@@ -104,6 +104,14 @@ class OpCache:
                 detail={"retry_after_ms": INFLIGHT_RETRY_AFTER_MS},
             )
 
+    def claim_nowait(self, op_id: bytes) -> bool:
+        """Claim `op_id` for a new attempt unless one is in flight (then `begin` waits for it).
+        The caller has found no reply (`lookup`) and must call `finish` after a claim."""
+        if op_id in self._inflight:
+            return False
+        self._inflight[op_id] = None
+        return True
+
     def finish(self, op_id: bytes, reply: Message | None) -> None:
         """End the attempt that claimed `op_id`; remember `reply` (None: it failed, forget)."""
         if reply is not None:

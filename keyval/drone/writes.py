@@ -6,6 +6,16 @@ cas/txn wait until its keys have no pending write. Then, with no await in betwee
 the slots, validate (cas/txn), hand out versions and mark the keys pending. The writes go to
 the db in the drone's next batch.
 
+Two ways through those steps, one set of checks (the `_plan_*` functions, run with no await):
+
+- deferred (`*_deferred`, the common case): keyval.net's reader admits the request itself
+  (DroneHandler.handle_deferred), queues the op with a completion (`_Answer`) and returns
+  DEFERRED; when the batch resolves the completion installs the writes, remembers the reply
+  by op id and hands it to the connection's responder. No task, no event per write.
+- awaited (`handle_*`, in a task): whenever something has to wait first: the op id is in
+  flight (a retry waits for the first attempt's reply), a slot is loading, a cas/txn key has
+  a pending write, or the write queue is full.
+
 Ack modes:
 
 - "durable" (default): the writes are applied in memory, and the client answered, only once
@@ -23,8 +33,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from keyval.drone.batcher import Completion
+from keyval.drone.batcher import SlotKey
 from keyval.drone.opcache import check_op_id
+from keyval.drone.slots import SlotStatus
 from keyval.drone.state import DroneState, check_permission
 from keyval.keys import Key, check_key, key_from_canonical, key_slot
 from keyval.messages import (
@@ -35,12 +46,14 @@ from keyval.messages import (
     Delete,
     Put,
     TxnCommit,
+    WireOp,
     Written,
     pack_op,
 )
+from keyval.net import DEFERRED, Deferred, Respond
 from wire import codec
 from wire.channel import PeerInfo
-from wire.errors import BadRequest, Conflict, ServiceError, TooLarge
+from wire.errors import BadRequest, Conflict, Internal, ServiceError, TooLarge
 from wire.messages import Message
 
 # Test-only: when True, a transaction commit skips validating its read versions (lost updates).
@@ -88,6 +101,31 @@ def _check_ack(ack: str) -> None:
         raise BadRequest(f"ack must be one of {', '.join(ACK_MODES)}, not {ack!r}")
 
 
+class _Plan:
+    """A mutation checked and ready to write: its writes, their value CBOR, and its reply's
+    shape (`existed` for a `Written`; None for a transaction's `Committed`)."""
+
+    __slots__ = ("encoded", "existed", "writes")
+
+    def __init__(self, writes: list[Planned], encoded: list[Encoded], existed: bool | None):
+        self.writes = writes
+        self.encoded = encoded
+        self.existed = existed
+
+    def reply(self, versions: list[int]) -> Message:
+        if self.existed is None:
+            return Committed(versions=versions)
+        return Written(version=versions[0], existed=self.existed)
+
+
+# What a mutation's checks decided: a reply at once (nothing to write), or a plan to write.
+Decision = Message | _Plan
+
+# What the deferred path returns: a reply now, DEFERRED (`respond` will get it), or None
+# (the request must wait for something: the caller runs the async handler instead).
+Deferral = Message | Deferred | None
+
+
 async def handle_put(state: DroneState, peer: PeerInfo, msg: Put) -> Message:
     _check_ack(msg.ack)
     slot, data = _admit_key(state, peer, msg.key)
@@ -95,12 +133,28 @@ async def handle_put(state: DroneState, peer: PeerInfo, msg: Put) -> Message:
     return await _once(state, msg.op_id, lambda: _put(state, msg, slot, data, encoded))
 
 
+def put_deferred(state: DroneState, peer: PeerInfo, msg: Put, respond: Respond) -> Deferral:
+    _check_ack(msg.ack)
+    slot, data = _admit_key(state, peer, msg.key)
+    encoded = _encode_value(state, msg.value)
+    return _once_deferred(
+        state,
+        msg.op_id,
+        msg.ack,
+        respond,
+        lambda: _serving_now(state, slot) and _plan_put(state, msg, slot, data, encoded),
+    )
+
+
 async def _put(state: DroneState, msg: Put, slot: int, data: bytes, encoded: bytes) -> Message:
     epoch = await state.wait_serving(slot)
     state.check_slot_servable(slot, epoch)
+    return await _execute(state, msg.op_id, msg.ack, _plan_put(state, msg, slot, data, encoded))
+
+
+def _plan_put(state: DroneState, msg: Put, slot: int, data: bytes, encoded: bytes) -> _Plan:
     existed = state.store.contains(slot, data) or state.pending.is_pending(slot, data)
-    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, msg.value, False)], [encoded])
-    return Written(version=versions[0], existed=existed)
+    return _Plan([(slot, data, msg.value, False)], [encoded], existed)
 
 
 async def handle_delete(state: DroneState, peer: PeerInfo, msg: Delete) -> Message:
@@ -109,22 +163,58 @@ async def handle_delete(state: DroneState, peer: PeerInfo, msg: Delete) -> Messa
     return await _once(state, msg.op_id, lambda: _delete(state, msg, slot, data))
 
 
+def delete_deferred(state: DroneState, peer: PeerInfo, msg: Delete, respond: Respond) -> Deferral:
+    _check_ack(msg.ack)
+    slot, data = _admit_key(state, peer, msg.key)
+    return _once_deferred(
+        state,
+        msg.op_id,
+        msg.ack,
+        respond,
+        lambda: _serving_now(state, slot) and _plan_delete(state, slot, data),
+    )
+
+
 async def _delete(state: DroneState, msg: Delete, slot: int, data: bytes) -> Message:
     epoch = await state.wait_serving(slot)
     state.check_slot_servable(slot, epoch)
+    return await _execute(state, msg.op_id, msg.ack, _plan_delete(state, slot, data))
+
+
+def _plan_delete(state: DroneState, slot: int, data: bytes) -> Decision:
     if not state.store.contains(slot, data) and not state.pending.is_pending(slot, data):
         return Written(version=0, existed=False)
-    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, None, True)], [None])
-    return Written(version=versions[0], existed=True)
+    return _Plan([(slot, data, None, True)], [None], True)
 
 
 async def handle_cas(state: DroneState, peer: PeerInfo, msg: CompareAndSet) -> Message:
+    slot, data, encoded = _admit_cas(state, peer, msg)
+    return await _once(state, msg.op_id, lambda: _cas(state, msg, slot, data, encoded))
+
+
+def cas_deferred(
+    state: DroneState, peer: PeerInfo, msg: CompareAndSet, respond: Respond
+) -> Deferral:
+    slot, data, encoded = _admit_cas(state, peer, msg)
+    return _once_deferred(
+        state,
+        msg.op_id,
+        msg.ack,
+        respond,
+        lambda: (
+            _serving_now(state, slot)
+            and not state.pending.is_pending(slot, data)
+            and _plan_cas(state, msg, slot, data, encoded)
+        ),
+    )
+
+
+def _admit_cas(state: DroneState, peer: PeerInfo, msg: CompareAndSet) -> tuple[int, bytes, Encoded]:
     _check_ack(msg.ack)
     if msg.expected_version < 0:
         raise BadRequest("expected_version is a version (>= 1) or 0 for 'absent'")
     slot, data = _admit_key(state, peer, msg.key)
-    encoded = None if msg.delete else _encode_value(state, msg.value)
-    return await _once(state, msg.op_id, lambda: _cas(state, msg, slot, data, encoded))
+    return slot, data, None if msg.delete else _encode_value(state, msg.value)
 
 
 async def _cas(
@@ -133,6 +223,13 @@ async def _cas(
     epoch = await state.wait_serving(slot)
     await state.pending.wait_clear([(slot, data)])
     state.check_slot_servable(slot, epoch)  # no await from here to _write's marking
+    return await _execute(state, msg.op_id, msg.ack, _plan_cas(state, msg, slot, data, encoded))
+
+
+def _plan_cas(
+    state: DroneState, msg: CompareAndSet, slot: int, data: bytes, encoded: Encoded
+) -> Decision:
+    """Validate against the current version (no write to the key may be pending)."""
     current = state.store.version_of(slot, data)
     if current != msg.expected_version:
         raise Conflict(
@@ -142,17 +239,45 @@ async def _cas(
     if msg.delete and current == 0:
         return Written(version=0, existed=False)
     value = None if msg.delete else msg.value
-    versions = await _write(state, msg.op_id, msg.ack, [(slot, data, value, msg.delete)], [encoded])
-    return Written(version=versions[0], existed=current != 0)
+    return _Plan([(slot, data, value, msg.delete)], [encoded], current != 0)
+
+
+# A transaction's admitted reads: (slot, canonical key, version read).
+Reads = list[tuple[int, bytes, int]]
 
 
 async def handle_txn_commit(state: DroneState, peer: PeerInfo, msg: TxnCommit) -> Message:
+    reads, writes, encoded = _admit_txn(state, peer, msg)
+    return await _once(state, msg.op_id, lambda: _txn(state, msg, reads, writes, encoded))
+
+
+def txn_commit_deferred(
+    state: DroneState, peer: PeerInfo, msg: TxnCommit, respond: Respond
+) -> Deferral:
+    reads, writes, encoded = _admit_txn(state, peer, msg)
+    keys = _txn_keys(reads, writes)
+    return _once_deferred(
+        state,
+        msg.op_id,
+        msg.ack,
+        respond,
+        lambda: (
+            all(_serving_now(state, slot) for slot in {slot for slot, _ in keys})
+            and not any(state.pending.is_pending(slot, data) for slot, data in keys)
+            and _plan_txn(state, reads, writes, encoded)
+        ),
+    )
+
+
+def _admit_txn(
+    state: DroneState, peer: PeerInfo, msg: TxnCommit
+) -> tuple[Reads, list[Planned], list[Encoded]]:
     _check_ack(msg.ack)
     if len(msg.reads) + len(msg.writes) > MAX_TXN_KEYS:
         raise TooLarge(f"a transaction touches at most {MAX_TXN_KEYS} keys")
     reads = [(*_admit_key(state, peer, key), version) for key, version in msg.reads]
     writes, encoded = _admit_txn_writes(state, peer, msg.writes)
-    return await _once(state, msg.op_id, lambda: _txn(state, msg, reads, writes, encoded))
+    return reads, writes, encoded
 
 
 def _admit_txn_writes(
@@ -181,18 +306,29 @@ def _admit_txn_writes(
     return planned, encodings
 
 
+def _txn_keys(reads: Reads, writes: list[Planned]) -> list[tuple[int, bytes]]:
+    return sorted({(slot, data) for slot, data, _ in reads} | {(s, d) for s, d, _, _ in writes})
+
+
 async def _txn(
     state: DroneState,
     msg: TxnCommit,
-    reads: list[tuple[int, bytes, int]],
+    reads: Reads,
     writes: list[Planned],
     encoded: list[Encoded],
 ) -> Message:
-    keys = sorted({(slot, data) for slot, data, _ in reads} | {(s, d) for s, d, _, _ in writes})
+    keys = _txn_keys(reads, writes)
     epochs = {slot: await state.wait_serving(slot) for slot in sorted({s for s, _ in keys})}
     await state.pending.wait_clear(keys)
     for slot, epoch in epochs.items():  # no await from here to _write's marking
         state.check_slot_servable(slot, epoch)
+    return await _execute(state, msg.op_id, msg.ack, _plan_txn(state, reads, writes, encoded))
+
+
+def _plan_txn(
+    state: DroneState, reads: Reads, writes: list[Planned], encoded: list[Encoded]
+) -> Decision:
+    """Validate the read versions (no write to the keys may be pending)."""
     stale = [] if _INJECT_BUG_SKIP_TXN_VALIDATION else state.store.conflicts(reads)
     if stale:
         raise Conflict(
@@ -201,8 +337,16 @@ async def _txn(
         )
     if not writes:
         return Committed(versions=[])
-    versions = await _write(state, msg.op_id, msg.ack, writes, encoded)
-    return Committed(versions=versions)
+    return _Plan(writes, encoded, None)
+
+
+def _serving_now(state: DroneState, slot: int) -> bool:
+    """Whether `slot` may be written without waiting: False while it loads (the async path
+    waits for it); raises like `wait_serving` when it is not served here."""
+    if state.table.status_of(slot) is SlotStatus.LOADING:
+        return False
+    state.table.check_serving(slot, state.now())
+    return True
 
 
 async def _once(
@@ -223,37 +367,89 @@ async def _once(
         state.ops.finish(op_id, reply)
 
 
-async def _write(
-    state: DroneState, op_id: bytes, ack: str, writes: list[Planned], encoded: list[Encoded]
-) -> list[int]:
-    """Hand out versions, mark the keys pending, send to the db; return the new versions.
+def _once_deferred(
+    state: DroneState,
+    op_id: bytes,
+    ack: str,
+    respond: Respond,
+    plan: Callable[[], Decision | bool],
+) -> Deferral:
+    """`_once` without waiting: the reply now, DEFERRED, or None when the request has to wait
+    (its op id is in flight, a slot loads, a key is pending, the write queue is full).
 
-    `encoded` holds each write's value CBOR (None for a deletion). Must be entered with no
-    await since the caller's last check of slots and versions."""
+    `plan` checks (False: it would wait) and plans with no await; a durable write is queued
+    and answered through `respond`, exactly once, when its batch resolves."""
+    check_op_id(op_id)
+    ops = state.ops
+    earlier = ops.lookup(op_id)
+    if earlier is not None:
+        return earlier
+    if not state.batcher.has_room or not ops.claim_nowait(op_id):
+        return None
+    reply: Message | None = None
+    handed_over = False  # to the batch: its completion finishes the op id and answers
+    try:
+        decision = plan()
+        if isinstance(decision, bool):
+            return None  # it would wait (True never comes: a check chain ends in a plan)
+        if not isinstance(decision, _Plan):
+            reply = decision
+            return reply
+        memory = ack == ACK_MEMORY
+        versions, keys, op, size_bytes = _stage(state, op_id, decision, memory)
+        if memory:
+            state.batcher.submit_nowait(op, size_bytes, _Completion(state, decision, keys, True))
+            reply = decision.reply(versions)
+            return reply
+        answer = _Answer(state, decision, keys, False, op_id, respond)
+        state.batcher.submit_nowait(op, size_bytes, answer)
+        handed_over = True
+        return DEFERRED
+    finally:
+        if not handed_over:
+            ops.finish(op_id, reply)
+
+
+async def _execute(state: DroneState, op_id: bytes, ack: str, decision: Decision) -> Message:
+    """Write what `decision` plans and return its reply (or the reply it already is).
+
+    Must be entered with no await since the caller's last check of slots and versions."""
+    if not isinstance(decision, _Plan):
+        return decision
+    memory = ack == ACK_MEMORY
+    versions, keys, op, size_bytes = _stage(state, op_id, decision, memory)
+    on_done = _Completion(state, decision, keys, memory)
+    if memory:
+        await state.batcher.submit(op, size_bytes, on_done)
+    else:
+        versions = await state.batcher.commit(op, size_bytes, on_done)
+    return decision.reply(versions)
+
+
+def _stage(
+    state: DroneState, op_id: bytes, plan: _Plan, memory: bool
+) -> tuple[list[int], list[SlotKey], WireOp, int]:
+    """Hand out versions, mark the keys pending (memory ack: apply now); the versions, the
+    keys, the db op and its value bytes."""
     versions = []
-    for slot, _data, _value, _deleted in writes:
+    keys = []
+    for slot, data, _value, _deleted in plan.writes:
         epoch = state.table.epoch_of(slot)
         if epoch is None:
             raise RuntimeError(f"slot {slot} vanished between check and write")
         versions.append(state.store.next_version(slot, epoch))
-    keys = [(slot, data) for slot, data, _value, _deleted in writes]
+        keys.append((slot, data))
     state.pending.add(keys)
-    memory = ack == ACK_MEMORY
     if memory:
-        _apply(state, writes, versions)
-    on_done = _completion(state, writes, keys, applied=memory)
+        _apply(state, plan.writes, versions)
     op = pack_op(
         op_id,
         [
             (slot, data, version, value)
-            for (slot, data), version, value in zip(keys, versions, encoded, strict=True)
+            for (slot, data), version, value in zip(keys, versions, plan.encoded, strict=True)
         ],
     )
-    size_bytes = sum(len(value) for value in encoded if value is not None)
-    if memory:
-        await state.batcher.submit(op, size_bytes, on_done)
-        return versions
-    return await state.batcher.commit(op, size_bytes, on_done)
+    return versions, keys, op, sum(len(value) for value in plan.encoded if value is not None)
 
 
 def _apply(state: DroneState, writes: list[Planned], versions: Sequence[int]) -> None:
@@ -264,25 +460,66 @@ def _apply(state: DroneState, writes: list[Planned], versions: Sequence[int]) ->
             store.apply(slot, data, value, version, deleted=deleted)
 
 
-def _completion(
-    state: DroneState,
-    planned: list[Planned],
-    keys: list[tuple[int, bytes]],
-    *,
-    applied: bool,
-) -> Completion:
-    def on_done(versions: list[int] | None, error: ServiceError | None) -> None:
+class _Completion:
+    """Runs when the db has decided an op: installs a durable write in memory (a memory-acked
+    one is there already) and releases the keys' pending marks."""
+
+    __slots__ = ("applied", "keys", "plan", "state")
+
+    def __init__(self, state: DroneState, plan: _Plan, keys: list[SlotKey], applied: bool) -> None:
+        self.state = state
+        self.plan = plan
+        self.keys = keys
+        self.applied = applied
+
+    def __call__(self, versions: list[int] | None, error: ServiceError | None) -> None:
         try:
             if error is not None:
-                if applied:
+                if self.applied:
                     log.error("memory-acked write lost, db refused it: %s", error.message)
                 return
-            if versions is not None and len(versions) == len(planned) and not applied:
+            planned = self.plan.writes
+            if versions is not None and len(versions) == len(planned) and not self.applied:
                 # Ours, or other versions when the db answered a retried op_id with its first
                 # result and applied nothing now: install that result (same writes, the db's
                 # versions); `apply` skips a key that already holds something newer.
-                _apply(state, planned, versions)
+                _apply(self.state, planned, versions)
         finally:
-            state.pending.resolve(keys)
+            self.state.pending.resolve(self.keys)
 
-    return on_done
+
+class _Answer(_Completion):
+    """A durable write's completion that also answers its deferred request: remembers the
+    reply under the op id (a failure is forgotten, so a retry runs again) and hands it, or
+    the error, to `respond`."""
+
+    __slots__ = ("op_id", "respond")
+
+    def __init__(
+        self,
+        state: DroneState,
+        plan: _Plan,
+        keys: list[SlotKey],
+        applied: bool,
+        op_id: bytes,
+        respond: Respond,
+    ) -> None:
+        super().__init__(state, plan, keys, applied)
+        self.op_id = op_id
+        self.respond = respond
+
+    def __call__(self, versions: list[int] | None, error: ServiceError | None) -> None:
+        reply: Message | None = None
+        try:
+            super().__call__(versions, error)
+            if error is None:
+                if versions is None or len(versions) != len(self.plan.writes):
+                    error = Internal("the db answered a write without its versions")
+                else:
+                    reply = self.plan.reply(versions)
+        finally:
+            self.state.ops.finish(self.op_id, reply)
+            if reply is not None:
+                self.respond(reply)
+            else:
+                self.respond(error or Internal("a write completion failed"))

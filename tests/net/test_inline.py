@@ -10,7 +10,14 @@ import pytest
 import trio
 import trio.testing
 
-from keyval.net import CloseConnection, Connection, open_connection, serve, serve_stream
+from keyval.net import (
+    CloseConnection,
+    Connection,
+    Handler,
+    open_connection,
+    serve,
+    serve_stream,
+)
 from tests.net.test_net import Echo, Fail, client_auth, server_auth
 from wire.channel import PeerInfo
 from wire.errors import Forbidden, Internal, NotFound, Unavailable
@@ -55,7 +62,7 @@ class InlineApp:
 
 
 @asynccontextmanager
-async def connected(app: InlineApp) -> AsyncIterator[Connection]:
+async def connected(app: Handler) -> AsyncIterator[Connection]:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_stream, server_stream, server_auth(), app)
