@@ -139,8 +139,7 @@ def put_deferred(state: DroneState, peer: PeerInfo, msg: Put, respond: Respond) 
     encoded = _encode_value(state, msg.value)
     return _once_deferred(
         state,
-        msg.op_id,
-        msg.ack,
+        msg,
         respond,
         lambda: _serving_now(state, slot) and _plan_put(state, msg, slot, data, encoded),
     )
@@ -168,8 +167,7 @@ def delete_deferred(state: DroneState, peer: PeerInfo, msg: Delete, respond: Res
     slot, data = _admit_key(state, peer, msg.key)
     return _once_deferred(
         state,
-        msg.op_id,
-        msg.ack,
+        msg,
         respond,
         lambda: _serving_now(state, slot) and _plan_delete(state, slot, data),
     )
@@ -198,14 +196,9 @@ def cas_deferred(
     slot, data, encoded = _admit_cas(state, peer, msg)
     return _once_deferred(
         state,
-        msg.op_id,
-        msg.ack,
+        msg,
         respond,
-        lambda: (
-            _serving_now(state, slot)
-            and not state.pending.is_pending(slot, data)
-            and _plan_cas(state, msg, slot, data, encoded)
-        ),
+        lambda: _settled_now(state, [(slot, data)]) and _plan_cas(state, msg, slot, data, encoded),
     )
 
 
@@ -258,14 +251,9 @@ def txn_commit_deferred(
     keys = _txn_keys(reads, writes)
     return _once_deferred(
         state,
-        msg.op_id,
-        msg.ack,
+        msg,
         respond,
-        lambda: (
-            all(_serving_now(state, slot) for slot in {slot for slot, _ in keys})
-            and not any(state.pending.is_pending(slot, data) for slot, data in keys)
-            and _plan_txn(state, reads, writes, encoded)
-        ),
+        lambda: _settled_now(state, keys) and _plan_txn(state, reads, writes, encoded),
     )
 
 
@@ -349,6 +337,14 @@ def _serving_now(state: DroneState, slot: int) -> bool:
     return True
 
 
+def _settled_now(state: DroneState, keys: Sequence[tuple[int, bytes]]) -> bool:
+    """Whether a validated write (cas, txn) of `keys` may be planned without waiting: every
+    slot served now and no write to these keys pending (else the async path waits)."""
+    return all(_serving_now(state, slot) for slot in {slot for slot, _ in keys}) and not any(
+        state.pending.is_pending(slot, data) for slot, data in keys
+    )
+
+
 async def _once(
     state: DroneState, op_id: bytes, attempt: Callable[[], Awaitable[Message]]
 ) -> Message:
@@ -369,8 +365,7 @@ async def _once(
 
 def _once_deferred(
     state: DroneState,
-    op_id: bytes,
-    ack: str,
+    msg: Put | Delete | CompareAndSet | TxnCommit,
     respond: Respond,
     plan: Callable[[], Decision | bool],
 ) -> Deferral:
@@ -379,6 +374,7 @@ def _once_deferred(
 
     `plan` checks (False: it would wait) and plans with no await; a durable write is queued
     and answered through `respond`, exactly once, when its batch resolves."""
+    op_id, ack = msg.op_id, msg.ack
     check_op_id(op_id)
     ops = state.ops
     earlier = ops.lookup(op_id)

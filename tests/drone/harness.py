@@ -13,8 +13,9 @@ virtual time still skips every idle wait, but only after that much real idleness
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -195,3 +196,18 @@ class Cluster:
         reply = await self.db_request("drone-1", DbReadSlot(grant=grant, slot=slot))
         assert isinstance(reply, DbSlotPage) and reply.done
         return {key: (value, version) for key, value, version in reply.items}
+
+
+@contextlib.asynccontextmanager
+async def serving_cluster(
+    mock_clock: trio.testing.MockClock, data: Path, slot: int
+) -> AsyncIterator[Cluster]:
+    """A started cluster whose drone serves `slot` (epoch 1); torn down on exit."""
+    mock_clock.autojump_threshold = AUTOJUMP_S
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, data)
+        await cluster.start()
+        await cluster.grant_and_wait((slot, slot, 1))
+        yield cluster
+        nursery.cancel_scope.cancel()
+    await cluster.db.aclose()

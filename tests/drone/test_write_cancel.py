@@ -21,7 +21,7 @@ from trio.testing import MockClock
 from keyval.drone.writes import handle_txn_commit
 from keyval.keys import canonical_key, key_slot
 from keyval.messages import Committed, TxnCommit
-from tests.drone.harness import AUTOJUMP_S, Cluster
+from tests.drone.harness import Cluster, serving_cluster
 from wire.channel import PeerInfo
 
 SLOT_A = key_slot("{a}")
@@ -33,14 +33,8 @@ PARK_S = 0.1
 
 @pytest.fixture
 async def cluster(mock_clock: MockClock, tmp_path: Path) -> AsyncIterator[Cluster]:
-    mock_clock.autojump_threshold = AUTOJUMP_S
-    async with trio.open_nursery() as nursery:
-        cluster = Cluster(nursery, tmp_path)
-        await cluster.start()
-        await cluster.grant_and_wait((SLOT_A, SLOT_A, 1))
+    async with serving_cluster(mock_clock, tmp_path, SLOT_A) as cluster:
         yield cluster
-        nursery.cancel_scope.cancel()
-    await cluster.db.aclose()
 
 
 def _txn(value: int) -> TxnCommit:

@@ -21,7 +21,7 @@ from keyval.drone.links import Link
 from keyval.keys import canonical_key, key_slot
 from keyval.messages import CompareAndSet, Delete, Get, Put, ValueReply, Written
 from keyval.net import DEFERRED, Deferred, Respond
-from tests.drone.harness import AUTOJUMP_S, DB_ADDRESS, DRONE_ADDRESS, Cluster
+from tests.drone.harness import DB_ADDRESS, DRONE_ADDRESS, Cluster, serving_cluster
 from wire.channel import PeerInfo
 from wire.errors import Unavailable, WireError
 from wire.messages import Message
@@ -65,17 +65,11 @@ class GatedDb:
 
 @pytest.fixture
 async def cluster(mock_clock: MockClock, tmp_path: Path) -> AsyncIterator[Cluster]:
-    mock_clock.autojump_threshold = AUTOJUMP_S
-    async with trio.open_nursery() as nursery:
-        cluster = Cluster(nursery, tmp_path)
-        await cluster.start()
-        await cluster.grant_and_wait((SLOT_A, SLOT_A, 1))
+    async with serving_cluster(mock_clock, tmp_path, SLOT_A) as cluster:
         name, handler = cluster.net.servers[DRONE_ADDRESS]
         assert isinstance(handler, DroneHandler)
         cluster.net.add(DRONE_ADDRESS, name, CountingHandler(handler))
         yield cluster
-        nursery.cancel_scope.cancel()
-    await cluster.db.aclose()
 
 
 def counting(cluster: Cluster) -> CountingHandler:
