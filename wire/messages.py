@@ -238,7 +238,9 @@ def encode_message(request_id: int, msg: Message) -> bytes:
 
 def decode_message(data: bytes) -> tuple[int, Message]:
     """Decode one envelope. Raises `DecodeError` for anything that is not a valid message."""
-    envelope = codec.decode(data)
+    # No second walk of the decoded item: every field goes through its checker, which admits
+    # only its exact types and walks `Value` fields with codec.check_value.
+    envelope = codec.decode_unwalked(data)
     if type(envelope) is not list or len(envelope) != 3:
         raise DecodeError("a message is a 3-item array [type, request_id, fields]")
     type_name, request_id, fields = envelope
