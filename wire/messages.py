@@ -223,10 +223,30 @@ def _message_checker(cls: type[Message]) -> _Check:
 
 
 def _build(cls: type[M], fields: dict[Any, Any]) -> M:
+    checks = cls._checks
+    if len(fields) == len(checks) and cls.__post_init__ is Message.__post_init__:
+        # Every field present (what encode_message sends): check each straight into a new
+        # instance, as __init__ + __post_init__ would, without building keyword arguments.
+        made = _new_instance(cls)
+        try:
+            for name, check in checks:
+                _set_field(made, name, check(fields[name]))
+        except KeyError:
+            pass  # some name is not a field: cls(**fields) below names the problem
+        except (ValueError, TypeError) as error:
+            raise LocalProtocolError(
+                f"{cls.TYPE}.{name}: {error}", detail={"type": cls.TYPE, "field": name}
+            ) from None
+        else:
+            return made
     try:
         return cls(**fields)
     except TypeError as error:  # missing or unknown field names
         raise LocalProtocolError(f"{cls.TYPE}: {error}") from None
+
+
+_new_instance = object.__new__
+_set_field = object.__setattr__  # what a frozen dataclass's __init__ uses
 
 
 def encode_message(request_id: int, msg: Message) -> bytes:

@@ -238,3 +238,18 @@ def test_decode_message_refuses_whatever_the_strict_decoder_refuses(data: st.Dat
         return
     assert not strict_refused
     codec.check_value(msg.to_wire())
+
+
+def test_decoding_checks_each_field_whether_or_not_all_are_sent() -> None:
+    fields = SHAPES.to_wire()
+    assert decode_message(codec.encode(["test.shapes", 2, fields])) == (2, SHAPES)
+    del fields["maybe"]  # a default fills it
+    assert decode_message(codec.encode(["test.shapes", 2, fields])) == (2, SHAPES)
+    with pytest.raises(DecodeError, match="unexpected keyword argument 'extra'"):
+        decode_message(codec.encode(["test.shapes", 2, {**fields, "extra": 1}]))
+    with pytest.raises(DecodeError, match="unexpected keyword argument 'other'"):
+        decode_message(codec.encode(["test.shapes", 2, {**fields, "other": 1, "maybe": 1}]))
+    for sent in (SHAPES.to_wire(), fields):  # every field (the fast path), or not
+        with pytest.raises(DecodeError, match=r"test\.shapes\.count: expected int") as caught:
+            decode_message(codec.encode(["test.shapes", 2, {**sent, "count": "3"}]))
+        assert caught.value.detail == {"type": "test.shapes", "field": "count"}
