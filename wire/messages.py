@@ -64,7 +64,12 @@ class Message:
                 object.__setattr__(self, name, normal)
 
     def to_wire(self) -> dict[str, Any]:
-        return {name: _to_wire(getattr(self, name)) for name, _ in self._checks}
+        wire = {}
+        for name, _ in self._checks:
+            value = getattr(self, name)
+            # most fields are scalars that go as they are: no call to _to_wire for them
+            wire[name] = value if type(value) in _FLAT_SCALARS else _to_wire(value)
+        return wire
 
 
 def _to_wire(value: Any) -> Any:
