@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import gc
 
-# Net container allocations between generation-0 collections (CPython's default is 700). At
-# roughly a hundred bytes per container, garbage cycles waiting for a collection stay well
-# under a few MiB, next to the tens or hundreds of MiB a daemon's data takes.
-GEN0_THRESHOLD = 20_000
+# Net container allocations between generation-0 collections (CPython's default is 700).
+# 20,000 grew a drone holding 200k keys by ~12 B/key (`bench --memory-keys 200000`: 174 B/key
+# before, 176-197 after, three runs): garbage cycles waited longer amid the keys' memory.
+GEN0_THRESHOLD = 5_000
 
 
 def tune_gc() -> None:
