@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from keyval.observe.gctune import tune_gc
+
 COMMAND_MODULES = (
     "keyval.cli_data",  # get / put / del / scan one-shots
     "auth.cli",  # auth daemon, principal management
@@ -55,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    tune_gc()  # after every command module is imported: see keyval.observe.gctune
     try:
         code = func(args)
     except KeyboardInterrupt:

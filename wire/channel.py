@@ -75,7 +75,7 @@ RECORD_CLOSE = 0x02
 SEALED_OVERHEAD_BYTES = 1 + 1 + TAG_BYTES
 
 _NONCE = struct.Struct(">4xQ")  # 4 zero bytes, then the 64-bit big-endian frame counter
-_SEALED_KIND = bytes([KIND_SEALED])
+_SEALED_HEADER = struct.Struct(">IB")  # a sealed frame's length prefix and kind byte
 _PLAIN_KIND = bytes([KIND_PLAIN])
 _DATA_RECORD = bytes([RECORD_DATA])
 
@@ -203,7 +203,7 @@ class DirectionalCipher:
         nonce = self._next_nonce()
         if nonce is None:
             raise LocalProtocolError("nonce counter exhausted; open a new connection")
-        header = frame_header(size) + _SEALED_KIND
+        header = _SEALED_HEADER.pack(size, KIND_SEALED)
         return header + self._aead.encrypt(nonce, plaintext, header)
 
     def open(self, payload: bytes) -> bytes:
@@ -211,7 +211,7 @@ class DirectionalCipher:
         nonce = self._next_nonce()
         if nonce is None:
             raise IntegrityError("peer's nonce counter exhausted")
-        header = frame_header(len(payload)) + payload[:1]
+        header = _SEALED_HEADER.pack(len(payload), payload[0])
         try:
             return self._aead.decrypt(nonce, payload[1:], header)
         except InvalidTag:
@@ -346,6 +346,8 @@ class _Channel:
     def _on_frame(self, frame: bytes) -> Event | None:
         if not frame:
             raise RemoteProtocolError("empty frame")
+        if frame[0] == KIND_SEALED and self._state is _State.OPEN:
+            return self._on_record(frame)  # nearly every frame: what _TABLE says, sooner
         handler = self._TABLE.get((self._state, frame[0]))
         if handler is None:
             raise RemoteProtocolError(

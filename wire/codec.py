@@ -9,6 +9,7 @@ walks the result so anything cbor2 turned into another Python type is refused.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -97,14 +98,42 @@ def _decode_next(decoder: cbor2.CBORDecoder) -> Any:
         raise DecodeError(f"malformed CBOR: {error}") from None
 
 
+class _Decoders(threading.local):
+    """One reusable decoder per thread for `decode`'s default depth. Building a CBORDecoder
+    (keyword parsing, the tag table) cost about as much as decoding a small message; pointing
+    an existing one at a new stream does not. Per thread, because a tag hook runs Python code,
+    during which another thread could otherwise repoint a shared decoder."""
+
+    def __init__(self) -> None:
+        self.decoder = _decoder(io.BytesIO(), MAX_DEPTH)
+
+
+_DECODERS = _Decoders()
+
+
 def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """Decode one CBOR item that must fill `data` exactly. Raises `DecodeError`."""
-    stream = io.BytesIO(data)
-    obj = _decode_next(_decoder(stream, max_depth))
-    if stream.tell() != len(data):
-        raise DecodeError(f"{len(data) - stream.tell()} bytes follow the CBOR item")
+    obj = decode_unwalked(data, max_depth=max_depth)
     if type(obj) not in _SCALARS:  # the common fast path: nothing to walk
         _check_decoded(obj)
+    return obj
+
+
+def decode_unwalked(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """`decode` without the walk that refuses undefined, simple values and arrays or maps as
+    map keys: cbor2 has refused every tag, indefinite length, duplicate key, int over 64 bits
+    and nesting deeper than `max_depth`, and the item fills `data` exactly. Only for a caller
+    that checks the type of every value it keeps (wire.messages checks each field, and walks
+    `Value` fields with `check_value`)."""
+    stream = io.BytesIO(data)
+    if max_depth == MAX_DEPTH:
+        decoder = _DECODERS.decoder
+        decoder.fp = stream
+    else:
+        decoder = _decoder(stream, max_depth)
+    obj = _decode_next(decoder)
+    if stream.tell() != len(data):
+        raise DecodeError(f"{len(data) - stream.tell()} bytes follow the CBOR item")
     return obj
 
 

@@ -64,7 +64,12 @@ class Message:
                 object.__setattr__(self, name, normal)
 
     def to_wire(self) -> dict[str, Any]:
-        return {name: _to_wire(getattr(self, name)) for name, _ in self._checks}
+        wire = {}
+        for name, _ in self._checks:
+            value = getattr(self, name)
+            # most fields are scalars that go as they are: no call to _to_wire for them
+            wire[name] = value if type(value) in _FLAT_SCALARS else _to_wire(value)
+        return wire
 
 
 def _to_wire(value: Any) -> Any:
@@ -223,10 +228,30 @@ def _message_checker(cls: type[Message]) -> _Check:
 
 
 def _build(cls: type[M], fields: dict[Any, Any]) -> M:
+    checks = cls._checks
+    if len(fields) == len(checks) and cls.__post_init__ is Message.__post_init__:
+        # Every field present (what encode_message sends): check each straight into a new
+        # instance, as __init__ + __post_init__ would, without building keyword arguments.
+        made = _new_instance(cls)
+        try:
+            for name, check in checks:
+                _set_field(made, name, check(fields[name]))
+        except KeyError:
+            pass  # some name is not a field: cls(**fields) below names the problem
+        except (ValueError, TypeError) as error:
+            raise LocalProtocolError(
+                f"{cls.TYPE}.{name}: {error}", detail={"type": cls.TYPE, "field": name}
+            ) from None
+        else:
+            return made
     try:
         return cls(**fields)
     except TypeError as error:  # missing or unknown field names
         raise LocalProtocolError(f"{cls.TYPE}: {error}") from None
+
+
+_new_instance = object.__new__
+_set_field = object.__setattr__  # what a frozen dataclass's __init__ uses
 
 
 def encode_message(request_id: int, msg: Message) -> bytes:
@@ -238,7 +263,9 @@ def encode_message(request_id: int, msg: Message) -> bytes:
 
 def decode_message(data: bytes) -> tuple[int, Message]:
     """Decode one envelope. Raises `DecodeError` for anything that is not a valid message."""
-    envelope = codec.decode(data)
+    # No second walk of the decoded item: every field goes through its checker, which admits
+    # only its exact types and walks `Value` fields with codec.check_value.
+    envelope = codec.decode_unwalked(data)
     if type(envelope) is not list or len(envelope) != 3:
         raise DecodeError("a message is a 3-item array [type, request_id, fields]")
     type_name, request_id, fields = envelope

@@ -30,6 +30,7 @@ from keyval.bench.respclient import open_resp_connection
 from keyval.bench.sessions import EtcdSession, KeyvalSession, RedisSession
 from keyval.bench.workloads import TXN_WORKLOADS, Session, one_operation, preload_items
 from keyval.messages import ACK_DURABLE, ACK_MEMORY
+from keyval.observe.gctune import tune_gc
 from wire.errors import WireError
 
 # Preloading a process's share of the keys may take this long: a fixed part plus a floor on
@@ -268,6 +269,7 @@ async def run_worker(spec: WorkerSpec, pipe: Connection) -> None:
 
 def worker_main(spec_json: str, pipe: Connection) -> None:
     """Entry point of the process (multiprocessing target)."""
+    tune_gc()
     try:
         trio.run(run_worker, WorkerSpec.from_json(spec_json), pipe)
     except* (BenchError, WireError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import cbor2
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from wire import codec
 from wire.codec import check_each, check_value, decode, encode, encode_canonical
 from wire.errors import DecodeError, LocalProtocolError
 from wire.limits import MAX_DEPTH
@@ -185,3 +187,27 @@ def test_check_each_names_the_bad_item(blobs: list[bytes], index: int) -> None:
     with pytest.raises(DecodeError) as caught:
         check_each(blobs)
     assert caught.value.detail["index"] == index
+
+
+def test_each_thread_decodes_with_its_own_reused_decoder() -> None:
+    items = [[index, b"x" * index, {"k": "v" * index}] for index in range(64)]
+    encoded = [codec.encode(item) for item in items]
+    failures: list[object] = []
+
+    def decode_all() -> None:
+        for _ in range(50):
+            for item, data in zip(items, encoded, strict=True):
+                if codec.decode(data) != item:
+                    failures.append(item)
+            with pytest.raises(DecodeError):
+                codec.decode(b"\x81\x81\xf7")  # an error leaves the decoder usable
+
+    threads = [threading.Thread(target=decode_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert codec.decode(b"\x81\x01", max_depth=1) == [1]  # other depths build their own
+    with pytest.raises(DecodeError, match="depth"):
+        codec.decode(b"\x81\x81\x01", max_depth=1)

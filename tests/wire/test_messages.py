@@ -150,3 +150,106 @@ def test_columns_of_exact_scalars_round_trip_and_refuse_other_types() -> None:
         fields = {"numbers": numbers, "names": names}
         with pytest.raises(DecodeError):
             decode_message(codec.encode(["test.columns", 1, fields]))
+
+
+@message("test.shapes")
+class Shapes(Message):
+    """One field of each kind a checker handles, for the decode-without-a-walk tests."""
+
+    value: Any
+    key: str | bytes | int
+    count: int
+    items: list[Any]
+    detail: dict[str, Any]
+    rows: list[tuple[bool, Any, int]]
+    maybe: int | None = None
+
+
+SHAPES = Shapes(
+    value={"a": [1, b"x", None]},
+    key=b"k",
+    count=3,
+    items=[1, "two", [3.0]],
+    detail={"d": {7: True}},
+    rows=[(True, b"v", 1)],
+)
+_PLACEHOLDER = b"\x00placeholder\x00"
+
+# Raw CBOR items cbor2 decodes but the codec does not admit.
+NOT_ADMITTED = {
+    "undefined": b"\xf7",
+    "simple 0": b"\xe0",
+    "simple 32": b"\xf8\x20",
+    "array as map key": b"\xa1\x81\x01\x01",
+    "map as map key": b"\xa1\xa1\x01\x01\x01",
+    "nested undefined": b"\x82\x01\xa1\x61a\xf7",
+}
+
+
+def _with_raw(field: str, raw: bytes) -> bytes:
+    """The encoded Shapes envelope with `field`'s value replaced by the raw CBOR `raw`."""
+    fields = SHAPES.to_wire()
+    fields[field] = _PLACEHOLDER
+    return codec.encode(["test.shapes", 1, fields]).replace(codec.encode(_PLACEHOLDER), raw)
+
+
+@pytest.mark.parametrize("raw", NOT_ADMITTED.values(), ids=list(NOT_ADMITTED))
+@pytest.mark.parametrize("field", ["value", "key", "count", "items", "detail", "rows", "maybe"])
+def test_values_the_codec_refuses_are_refused_in_every_field(field: str, raw: bytes) -> None:
+    data = _with_raw(field, raw)
+    with pytest.raises(DecodeError):
+        codec.decode(data)  # the strict walk refuses it ...
+    with pytest.raises(DecodeError):
+        decode_message(data)  # ... and so does each field's checker
+
+
+@pytest.mark.parametrize("raw", NOT_ADMITTED.values(), ids=list(NOT_ADMITTED))
+def test_values_the_codec_refuses_are_refused_in_the_envelope(raw: bytes) -> None:
+    for envelope in (b"\x83" + raw + b"\x01\xa0", b"\x83\x64ping" + raw + b"\xa0", raw):
+        with pytest.raises(DecodeError):
+            decode_message(envelope)
+    with pytest.raises(DecodeError):
+        decode_message(b"\x83\x64ping\x01" + raw)
+    with pytest.raises(DecodeError):
+        decode_message(b"\x83\x64ping\x01\xa1" + raw + b"\x01")
+
+
+@given(st.data())
+def test_decode_message_refuses_whatever_the_strict_decoder_refuses(data: st.DataObject) -> None:
+    """decode_message skips codec.decode's walk; on mutated messages it must still refuse
+    everything that walk refuses, raise nothing but DecodeError, and return only admitted
+    values."""
+    encoded = bytearray(encode_message(5, SHAPES))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(encoded)))
+        if data.draw(st.booleans()) and at < len(encoded):
+            encoded[at] = data.draw(st.integers(0, 255))
+        else:
+            encoded[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+    raw = bytes(encoded)
+    try:
+        codec.decode(raw)
+        strict_refused = False
+    except DecodeError:
+        strict_refused = True
+    try:
+        _, msg = decode_message(raw)
+    except DecodeError:
+        return
+    assert not strict_refused
+    codec.check_value(msg.to_wire())
+
+
+def test_decoding_checks_each_field_whether_or_not_all_are_sent() -> None:
+    fields = SHAPES.to_wire()
+    assert decode_message(codec.encode(["test.shapes", 2, fields])) == (2, SHAPES)
+    del fields["maybe"]  # a default fills it
+    assert decode_message(codec.encode(["test.shapes", 2, fields])) == (2, SHAPES)
+    with pytest.raises(DecodeError, match="unexpected keyword argument 'extra'"):
+        decode_message(codec.encode(["test.shapes", 2, {**fields, "extra": 1}]))
+    with pytest.raises(DecodeError, match="unexpected keyword argument 'other'"):
+        decode_message(codec.encode(["test.shapes", 2, {**fields, "other": 1, "maybe": 1}]))
+    for sent in (SHAPES.to_wire(), fields):  # every field (the fast path), or not
+        with pytest.raises(DecodeError, match=r"test\.shapes\.count: expected int") as caught:
+            decode_message(codec.encode(["test.shapes", 2, {**sent, "count": "3"}]))
+        assert caught.value.detail == {"type": "test.shapes", "field": "count"}
