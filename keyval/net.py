@@ -789,10 +789,7 @@ class _ServerConnection:
         if outcome is None:
             return False
         if outcome is not DEFERRED:
-            if not isinstance(outcome, Message | ServiceError):
-                logger.error("handler returned %r for %s, not a Message", type(outcome), msg.TYPE)
-                outcome = Internal("internal error")
-            responder.answer(outcome)  # this turn's write sends it
+            responder.answer(_reply_for(msg, outcome))  # this turn's write sends it
         return True
 
     def _answer_inline(
@@ -801,20 +798,19 @@ class _ServerConnection:
         """Try the handler's synchronous path; True when `msg` has been answered (queued)."""
         observe_context.set_request(observe_context.request_id(self.connection_id, rid))
         started = trio.current_time()
+        outcome: Message | ServiceError | None
         try:
-            reply = handle_nowait(self.peer, msg)
+            outcome = handle_nowait(self.peer, msg)
         except CloseConnection:
             return False  # the concurrent path answers and closes, as for any handler
         except ServiceError as error:
-            reply = Error(error.code.value, error.message, error.detail)
+            outcome = error
         except Exception:
             logger.exception("handler failed on %s from %s", msg.TYPE, self.peer.name)
-            reply = Error(ErrorCode.INTERNAL.value, "internal error", {})
-        if reply is None:
+            outcome = Internal("internal error")
+        if outcome is None:
             return False
-        if not isinstance(reply, Message):
-            logger.error("handler returned %r for %s, not a Message", type(reply), msg.TYPE)
-            reply = Error(ErrorCode.INTERNAL.value, "internal error", {})
+        reply = _reply_for(msg, outcome)
         self._queue_reply(rid, reply)
         code = reply.code if type(reply) is Error else None
         self.metrics.request_done(msg.TYPE, code, trio.current_time() - started)
@@ -845,7 +841,7 @@ class _ServerConnection:
 
     async def _end_with(self, rid: int, error: ServiceError) -> None:
         """Answer `rid` with `error`, then close the connection with the same code."""
-        await self._send_reply(rid, Error(error.code.value, error.message, error.detail))
+        await self._send_reply(rid, _error_reply(error))
         self.link.queue(self.link.channel.close(error.message, error.code.value))
         await self.link.flush()
 
@@ -868,26 +864,29 @@ class _ServerConnection:
             nursery.cancel_scope.cancel()  # the connection is gone; stop the others too
         finally:
             self.inflight.release()
-            elapsed_s = trio.current_time() - started
-            self.metrics.request_done(msg.TYPE, code, elapsed_s)
-            logger.debug(
-                "%s from %s: %s in %.3f ms", msg.TYPE, self.peer.name, code or "ok", elapsed_s * 1e3
-            )
+            self.finished(msg.TYPE, code, started)
 
     async def _call_handler(self, msg: Message) -> Message:
+        outcome: Message | ServiceError
         try:
-            reply = await self.handler(self.peer, msg)
+            outcome = await self.handler(self.peer, msg)
         except CloseConnection:
             raise
         except ServiceError as error:
-            return Error(error.code.value, error.message, error.detail)
+            outcome = error
         except Exception:
             logger.exception("handler failed on %s from %s", msg.TYPE, self.peer.name)
-            return Error(ErrorCode.INTERNAL.value, "internal error", {})
-        if not isinstance(reply, Message):
-            logger.error("handler returned %r for %s, not a Message", type(reply), msg.TYPE)
-            return Error(ErrorCode.INTERNAL.value, "internal error", {})
-        return reply
+            outcome = Internal("internal error")
+        return _reply_for(msg, outcome)
+
+    def finished(self, msg_type: str, code: str | None, started: float) -> None:
+        """Count a request answered (error `code`, None: ok) and log it at debug level."""
+        elapsed_s = trio.current_time() - started
+        self.metrics.request_done(msg_type, code, elapsed_s)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s from %s: %s in %.3f ms", msg_type, self.peer.name, code or "ok", elapsed_s * 1e3
+            )
 
     async def _send_reply(self, rid: int, reply: Message) -> None:
         self._queue_reply(rid, reply)
@@ -927,6 +926,21 @@ class _ServerConnection:
         self.link.queue(channel.send(payload))
 
 
+def _error_reply(error: ServiceError) -> Error:
+    return Error(error.code.value, error.message, error.detail)
+
+
+def _reply_for(msg: Message, outcome: object) -> Message:
+    """What to send for a handler's outcome: a Message as it is, a ServiceError as its Error,
+    anything else (a handler bug, logged) as INTERNAL."""
+    if isinstance(outcome, Message):
+        return outcome
+    if isinstance(outcome, ServiceError):
+        return _error_reply(outcome)
+    logger.error("handler returned %r for %s, not a Message", type(outcome), msg.TYPE)
+    return Error(ErrorCode.INTERNAL.value, "internal error", {})
+
+
 class _DeferredReply:
     """The responder of one deferred request (`Respond`): queues the reply on its link, frees
     the inflight slot, counts the request, and has the link flushed once the current task
@@ -953,25 +967,13 @@ class _DeferredReply:
         self.answered = True
         connection = self.connection
         connection.inflight.release()
-        if isinstance(outcome, ServiceError):
-            reply: Message = Error(outcome.code.value, outcome.message, outcome.detail)
-        else:
-            reply = outcome
-        code = reply.code if type(reply) is Error else None
+        reply = _error_reply(outcome) if isinstance(outcome, ServiceError) else outcome
         connection._queue_reply(self.rid, reply)
-        elapsed_s = trio.current_time() - self.started
-        connection.metrics.request_done(self.type, code, elapsed_s)
         if logger.isEnabledFor(logging.DEBUG):  # in the answering task: name the request
             observe_context.set_request(
                 observe_context.request_id(connection.connection_id, self.rid)
             )
-            logger.debug(
-                "%s from %s: %s in %.3f ms",
-                self.type,
-                connection.peer.name,
-                code or "ok",
-                elapsed_s * 1e3,
-            )
+        connection.finished(self.type, reply.code if type(reply) is Error else None, self.started)
         return True
 
 
