@@ -271,12 +271,19 @@ class Router:
         )
 
     async def call_at(self, route: Route, msg: Message, attempts: Attempts) -> Message:
-        """Send `msg` to one drone (no slot): retries UNAVAILABLE/TIMEOUT, not redirects."""
+        """Send `msg` to one drone (no slot): retries UNAVAILABLE/TIMEOUT, not redirects.
+        The first try goes straight out (no closure, no retry loop: the happy path)."""
+        try:
+            return await self.send(route, msg, attempts)
+        except DeadlineExceeded:
+            raise
+        except RETRYABLE_ERRORS as error:
+            failed = error
 
         async def once(attempts: Attempts) -> Message:
             return await self.send(route, msg, attempts)
 
-        return await self.retrying(attempts, once, redirects=False)
+        return await self.retrying(attempts, once, redirects=False, failed=failed)
 
     @property
     def rng(self) -> random.Random:

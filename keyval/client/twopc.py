@@ -26,9 +26,9 @@ from typing import Any
 
 import trio
 
-from keyval.client.errors import DeadlineExceeded, NoOwner
+from keyval.client.errors import NoOwner
 from keyval.client.policy import Attempts
-from keyval.client.router import RETRYABLE_ERRORS, Router
+from keyval.client.router import Router
 from keyval.client.routing import Route
 from keyval.keys import key_slot
 from keyval.messages import Committed, TxnAbort, TxnOutcome, TxnPrepare
@@ -199,7 +199,7 @@ async def _attempt(
         )
         attempts = Attempts(policy=policy, deadline=trio.current_time() + wait_s)
         try:
-            answers[drone] = await _send(router, part.route, msg, attempts)
+            answers[drone] = await router.call_at(part.route, msg, attempts)
         except ServiceError as error:
             answers[drone] = error
             if not isinstance(error, Conflict):  # release the others now, learn the outcome
@@ -248,22 +248,6 @@ def _outcome(
         "no participant could tell whether the transaction committed",
         detail={"errors": [e.message for e in errors]},
     ) from errors[0]
-
-
-async def _send(router: Router, route: Route, msg: Message, attempts: Attempts) -> Message:
-    """One participant's request, retried (same txid: idempotent) while `attempts` allow.
-    The first try goes straight out (no closure, no retry loop: the happy path)."""
-    try:
-        return await router.send(route, msg, attempts)
-    except DeadlineExceeded:
-        raise
-    except RETRYABLE_ERRORS as error:
-        failed = error
-
-    async def once(attempts: Attempts) -> Message:
-        return await router.send(route, msg, attempts)
-
-    return await router.retrying(attempts, once, redirects=False, failed=failed)
 
 
 async def _abort(router: Router, txid: bytes, parts: list[_Part]) -> str:
