@@ -39,7 +39,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -75,6 +75,8 @@ from wire.limits import MAX_FRAME_BYTES
 from wire.messages import MAX_REQUEST_ID, Error, Message, decode_message, encode_message
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A handshake is two round trips and a few signatures; a peer slower than this is stuck or
 # hostile, and an unauthenticated connection must not hold a slot for long.
@@ -776,16 +778,7 @@ class _ServerConnection:
         if self.handle_nowait is None:  # else `_answer_inline` has named the request already
             observe_context.set_request(observe_context.request_id(self.connection_id, rid))
         responder = _DeferredReply(self, rid, msg.TYPE, trio.current_time())
-        outcome: Message | Deferred | ServiceError | None
-        try:
-            outcome = handle_deferred(self.peer, msg, responder)
-        except CloseConnection:
-            return False  # the concurrent path answers and closes, as for any handler
-        except ServiceError as error:
-            outcome = error
-        except Exception:
-            logger.exception("handler failed on %s from %s", msg.TYPE, self.peer.name)
-            outcome = Internal("internal error")
+        outcome = self._call_now(msg, handle_deferred, self.peer, msg, responder)
         if outcome is None:
             return False
         if outcome is not DEFERRED:
@@ -798,16 +791,7 @@ class _ServerConnection:
         """Try the handler's synchronous path; True when `msg` has been answered (queued)."""
         observe_context.set_request(observe_context.request_id(self.connection_id, rid))
         started = trio.current_time()
-        outcome: Message | ServiceError | None
-        try:
-            outcome = handle_nowait(self.peer, msg)
-        except CloseConnection:
-            return False  # the concurrent path answers and closes, as for any handler
-        except ServiceError as error:
-            outcome = error
-        except Exception:
-            logger.exception("handler failed on %s from %s", msg.TYPE, self.peer.name)
-            outcome = Internal("internal error")
+        outcome = self._call_now(msg, handle_nowait, self.peer, msg)
         if outcome is None:
             return False
         reply = _reply_for(msg, outcome)
@@ -815,6 +799,22 @@ class _ServerConnection:
         code = reply.code if type(reply) is Error else None
         self.metrics.request_done(msg.TYPE, code, trio.current_time() - started)
         return True
+
+    def _call_now(
+        self, msg: Message, handler: Callable[..., T], *args: Any
+    ) -> T | ServiceError | None:
+        """A synchronous handler path's outcome: what it returned, the ServiceError it raised,
+        INTERNAL for a bug (logged), or None when it raised CloseConnection (the task path
+        then answers and closes, as for any handler)."""
+        try:
+            return handler(*args)
+        except CloseConnection:
+            return None
+        except ServiceError as error:
+            return error
+        except Exception:
+            logger.exception("handler failed on %s from %s", msg.TYPE, self.peer.name)
+            return Internal("internal error")
 
     def _decode(self, data: bytes) -> tuple[int, Message] | None:
         """The request, or None when it was answered with BAD_REQUEST at once."""

@@ -253,12 +253,10 @@ class Router:
                 attempts = Attempts.start(policy, started)
         attempts = attempts or self.start()
         if route is not None and failed is None:  # one try at the owner the map names
-            try:
-                return await self.send(route, msg, attempts)
-            except DeadlineExceeded:
-                raise
-            except RETRYABLE_ERRORS as error:
-                failed = error
+            first = await self._first_try(route, msg, attempts)
+            if isinstance(first, Message):
+                return first
+            failed = first
         ask: list[Route | None] = [None]
 
         async def once(attempts: Attempts) -> Message:
@@ -273,17 +271,25 @@ class Router:
     async def call_at(self, route: Route, msg: Message, attempts: Attempts) -> Message:
         """Send `msg` to one drone (no slot): retries UNAVAILABLE/TIMEOUT, not redirects.
         The first try goes straight out (no closure, no retry loop: the happy path)."""
+        first = await self._first_try(route, msg, attempts)
+        if isinstance(first, Message):
+            return first
+
+        async def once(attempts: Attempts) -> Message:
+            return await self.send(route, msg, attempts)
+
+        return await self.retrying(attempts, once, redirects=False, failed=first)
+
+    async def _first_try(
+        self, route: Route, msg: Message, attempts: Attempts
+    ) -> Message | RetryableError:
+        """One try at `route`: the reply, or the error to retry after (any other raises)."""
         try:
             return await self.send(route, msg, attempts)
         except DeadlineExceeded:
             raise
         except RETRYABLE_ERRORS as error:
-            failed = error
-
-        async def once(attempts: Attempts) -> Message:
-            return await self.send(route, msg, attempts)
-
-        return await self.retrying(attempts, once, redirects=False, failed=failed)
+            return error
 
     @property
     def rng(self) -> random.Random:
